@@ -1,0 +1,847 @@
+"""Tuna-2: a unified multimodal model on raw pixels (arXiv 2604.24763).
+
+A Conv2d patch embedding feeds Qwen2 directly (no vision encoder, no VAE). Each image occupies one span of the token
+sequence: a time slot (the timestep embedding) followed by one slot per patch. Attention is causal, and bidirectional
+inside each span. For generation, a flow head of adaLN-Zero blocks reads the LLM's final hidden states and predicts
+the clean image (x0) of every span.
+
+Flow-matching convention used throughout: t=1 is the clean image, t=0 is pure noise.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, Qwen2Model
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
+from transformers import initialization as init
+
+from .configuration_tuna2 import Tuna2Config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image spans
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tuna2ImageSpans:
+    """Where the images sit in a batch of token ids. Images are numbered sample-major, then left to right.
+
+    Attributes:
+        image_index (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+            Index of the image whose span holds the position, -1 outside spans.
+        span_position (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+            Position inside the span: 0 is the time slot, `1 + j` is patch j. -1 outside spans.
+        lengths (`list[int]`):
+            Length of each span (1 + number of patches).
+    """
+
+    image_index: torch.LongTensor
+    span_position: torch.LongTensor
+    lengths: list[int]
+
+    @classmethod
+    def from_input_ids(cls, input_ids: torch.LongTensor, image_token_id: int) -> "Tuna2ImageSpans":
+        is_image = input_ids == image_token_id
+        previous_is_image = nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+        starts = is_image & ~previous_is_image
+        image_index = torch.where(is_image, starts.flatten().cumsum(0).view_as(starts) - 1, -1)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        span_start = torch.where(starts, positions, 0).cummax(dim=1).values
+        span_position = torch.where(is_image, positions - span_start, -1)
+        lengths = torch.bincount(image_index[is_image], minlength=int(starts.sum())).tolist()
+        return cls(image_index=image_index, span_position=span_position, lengths=lengths)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def is_patch(self) -> torch.BoolTensor:
+        return self.span_position > 0
+
+    @property
+    def is_time_slot(self) -> torch.BoolTensor:
+        return self.span_position == 0
+
+
+def make_image_list(pixel_values: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """Returns the images of `pixel_values` (a `(n, C, H, W)` batch or a list of `(C, H, W)` tensors) as a list."""
+    if isinstance(pixel_values, torch.Tensor):
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}")
+        return list(pixel_values.unbind(0))
+    images = list(pixel_values)
+    for image in images:
+        if not isinstance(image, torch.Tensor) or image.ndim != 3:
+            raise ValueError("pixel_values given as a list must hold (channels, height, width) tensors")
+    return images
+
+
+def check_image_sizes(images: list[torch.Tensor], patch_size: int, num_channels: int) -> list[tuple[int, int]]:
+    """Returns the patch grid `(h, w)` of each image, or raises a `ValueError` naming the first bad image."""
+    grids = []
+    for i, image in enumerate(images):
+        channels, height, width = image.shape
+        if channels != num_channels:
+            raise ValueError(f"image {i} has {channels} channels, the model expects {num_channels}")
+        if height == 0 or width == 0:
+            raise ValueError(f"image {i} has zero size ({height}x{width})")
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"image {i} is {height}x{width}: height and width must be multiples of the patch size {patch_size}"
+            )
+        grids.append((height // patch_size, width // patch_size))
+    return grids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layouts of the flow head's per-token output
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, layout: str) -> torch.Tensor:
+    """`(h*w, p*p*C)` flow-head outputs of one image -> `(C, h*p, w*p)` pixels.
+
+    "raster" (official): the outputs are flattened as they are into raster-order pixels with the channel fastest,
+    so token k holds pixels `[k p^2, (k+1) p^2)` of the raster scan. "patch": token k holds patch k, ordered
+    (row in patch, column in patch, channel).
+    """
+    h, w = grid
+    channels = tokens.shape[-1] // (patch_size * patch_size)
+    if layout == "raster":
+        return tokens.reshape(h * patch_size, w * patch_size, channels).permute(2, 0, 1)
+    patches = tokens.reshape(h, w, patch_size, patch_size, channels)
+    return patches.permute(4, 0, 2, 1, 3).reshape(channels, h * patch_size, w * patch_size)
+
+
+def patchify(image: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
+    """Inverse of [`unpatchify`]: `(C, H, W)` pixels -> `(h*w, p*p*C)` flow-head targets."""
+    channels, height, width = image.shape
+    h, w = height // patch_size, width // patch_size
+    if layout == "raster":
+        return image.permute(1, 2, 0).reshape(h * w, patch_size * patch_size * channels)
+    patches = image.reshape(channels, h, patch_size, w, patch_size).permute(1, 3, 2, 4, 0)
+    return patches.reshape(h * w, patch_size * patch_size * channels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Tuna2PatchEmbedding(nn.Module):
+    """Conv2d patchifier followed by an RMSNorm over the channels: `(n, C, H, W)` -> `(n, h*w, hidden_size)`,
+    token k being patch `(k // w, k % w)`."""
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, hidden_size, kernel_size=config.patch_size, stride=config.patch_size, bias=True
+        )
+        self.norm = nn.RMSNorm(hidden_size, eps=config.patch_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeddings = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        return self.norm(embeddings.flatten(2).transpose(1, 2))
+
+
+def timestep_sinusoids(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """`(n,)` times -> `(n, dim)` features `[cos(t f_k), sin(t f_k)]` with `f_k = max_period^(-k / (dim/2))`, in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Tuna2TimestepEmbedder(nn.Module):
+    """Embeds the raw flow time t in [0, 1] (not scaled by 1000) of each image."""
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.frequency_dim = config.timestep_frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(self.frequency_dim, hidden_size, bias=True), nn.SiLU(), nn.Linear(hidden_size, hidden_size, bias=True)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.mlp[0].weight.dtype
+        # The official model quantises t to the model dtype before embedding it.
+        return self.mlp(timestep_sinusoids(t.to(dtype), self.frequency_dim).to(dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow-head rotary embeddings: 1-D llama3 RoPE on text, none on time slots, 3-D RoPE (rotation by -theta) on patches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def llama3_inv_freq(dim: int, theta: float, rope_scaling: dict) -> torch.Tensor:
+    """Inverse frequencies of 1-D RoPE with llama3 scaling (long wavelengths divided by `factor`, smoothed between)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    factor = rope_scaling["factor"]
+    low_freq_factor, high_freq_factor = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+    old_context_len = rope_scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def image_rope_omegas(sections: list[int], theta: float) -> list[torch.Tensor]:
+    """Per axis (frame, row, column) with `d` channels: `omega_k = theta^(-2k/d)`, k < d/2."""
+    return [1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) for d in sections]
+
+
+def apply_text_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, in the activation dtype as the official head does."""
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_image_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair RoPE rotating each pair `(x[2m], x[2m+1])` by **-theta** (the official sign):
+    `(x0 cos + x1 sin, x1 cos - x0 sin)`. `cos`/`sin` have one entry per pair; the products are summed in fp32 and
+    rounded once, like the official 2x2 matmul."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.float(), sin.float()
+    return torch.stack((x0 * cos + x1 * sin, x1 * cos - x0 * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
+@dataclass
+class Tuna2FlowHeadRotary:
+    """Rotary tables of one flow-head call, each of shape `(batch_size, 1, seq_len, ...)` to broadcast over heads."""
+
+    text_cos: torch.Tensor
+    text_sin: torch.Tensor
+    image_cos: torch.Tensor
+    image_sin: torch.Tensor
+    is_text: torch.BoolTensor
+    is_patch: torch.BoolTensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        rotated_text = apply_text_rope(x, self.text_cos, self.text_sin)
+        rotated_image = apply_image_rope(x, self.image_cos, self.image_sin)
+        return torch.where(self.is_patch, rotated_image, torch.where(self.is_text, rotated_text, x))
+
+
+class Tuna2FlowHeadRotaryEmbedding(nn.Module):
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        inv_freq = llama3_inv_freq(config.flow_head_head_dim, config.flow_head_rope_theta, config.flow_head_rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for axis, omega in zip(("frame", "row", "col"), image_rope_omegas(config.image_rope_sections, config.image_rope_theta)):
+            self.register_buffer(f"omega_{axis}", omega, persistent=False)
+
+    def forward(
+        self, dtype: torch.dtype, position_ids: torch.LongTensor, spans: Tuna2ImageSpans, grid_widths: torch.LongTensor
+    ) -> Tuna2FlowHeadRotary:
+        """
+        Args:
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): absolute positions of text tokens.
+            spans (`Tuna2ImageSpans`): the image spans of the sequence.
+            grid_widths (`torch.LongTensor` of shape `(num_images,)`): patches per row of each image.
+        """
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        text_angles = torch.cat((freqs, freqs), dim=-1)
+        # Every span restarts its patch grid at (0, 0, 0): in editing, source and target share positions.
+        patch = (spans.span_position - 1).clamp(min=0)
+        width = grid_widths[spans.image_index.clamp(min=0)] if spans.num_images else torch.ones_like(patch)
+        frame = torch.zeros_like(patch)
+        image_angles = torch.cat(
+            [
+                axis_pos[..., None].float() * omega
+                for axis_pos, omega in zip(
+                    (frame, patch // width, patch % width), (self.omega_frame, self.omega_row, self.omega_col)
+                )
+            ],
+            dim=-1,
+        )
+        return Tuna2FlowHeadRotary(
+            text_cos=text_angles.cos().to(dtype)[:, None],
+            text_sin=text_angles.sin().to(dtype)[:, None],
+            image_cos=image_angles.cos().to(dtype)[:, None],
+            image_sin=image_angles.sin().to(dtype)[:, None],
+            is_text=(spans.image_index < 0)[:, None, :, None],
+            is_patch=spans.is_patch[:, None, :, None],
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation `x (1 + scale) + shift`, computed in fp32."""
+    return (x.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
+
+
+def modulation_per_position(
+    params: torch.Tensor, neutral: torch.Tensor, image_index: torch.LongTensor
+) -> tuple[torch.Tensor, ...]:
+    """Spreads per-image adaLN parameters `(num_images, k, D)` over the sequence: positions of image i get row i,
+    positions outside spans get `neutral` `(k, D)` (shift 0, scale 0, gate 1). Returns k tensors `(B, L, D)`."""
+    table = torch.cat([neutral[None].to(params.dtype), params], dim=0)
+    return table[image_index + 1].unbind(dim=2)
+
+
+class Tuna2FlowHeadAttention(nn.Module):
+    """GQA self-attention with per-head RMSNorm on queries and keys, no biases."""
+
+    def __init__(self, config: Tuna2Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        hidden_size = config.text_config.hidden_size
+        self.head_dim = config.flow_head_head_dim
+        self.num_key_value_groups = config.flow_head_num_attention_heads // config.flow_head_num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = 0.0
+        self.is_causal = True
+        self.q_proj = nn.Linear(hidden_size, config.flow_head_num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, config.flow_head_num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, config.flow_head_num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.flow_head_num_attention_heads * self.head_dim, hidden_size, bias=False)
+        self.q_norm = Qwen2RMSNorm(self.head_dim, eps=config.flow_head_qk_norm_eps)
+        self.k_norm = Qwen2RMSNorm(self.head_dim, eps=config.flow_head_qk_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rotary: Tuna2FlowHeadRotary, attention_mask: torch.Tensor | None, **kwargs
+    ) -> torch.Tensor:
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = rotary.apply(self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2))
+        key = rotary.apply(self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2))
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return self.o_proj(attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous())
+
+
+class Tuna2FlowHeadMLP(nn.Module):
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        hidden_size, intermediate_size = config.text_config.hidden_size, config.flow_head_intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.flow_head_hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Tuna2FlowHeadBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block with adaLN-Zero modulation on image-span positions only; text positions pass
+    through the same weights unmodulated (shift 0, scale 0, gate 1) and serve as keys and values."""
+
+    def __init__(self, config: Tuna2Config, layer_idx: int):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.self_attn = Tuna2FlowHeadAttention(config, layer_idx)
+        self.mlp = Tuna2FlowHeadMLP(config)
+        self.input_layernorm = Qwen2RMSNorm(hidden_size, eps=config.flow_head_rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(hidden_size, eps=config.flow_head_rms_norm_eps)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.register_buffer("neutral_modulation", torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0]), persistent=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        time_embeds: torch.Tensor,
+        image_index: torch.LongTensor,
+        rotary: Tuna2FlowHeadRotary,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        params = self.adaLN_modulation(time_embeds).unflatten(-1, (6, -1))
+        neutral = self.neutral_modulation[:, None].expand(6, params.shape[-1])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation_per_position(
+            params, neutral, image_index
+        )
+        attn_input = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
+        hidden_states = hidden_states + gate_msa * self.self_attn(attn_input, rotary, attention_mask, **kwargs)
+        mlp_input = modulate(self.post_attention_layernorm(hidden_states), shift_mlp, scale_mlp)
+        return hidden_states + gate_mlp * self.mlp(mlp_input)
+
+
+class Tuna2FlowHeadFinalLayer(nn.Module):
+    """Modulated RMSNorm and a linear projection to `patch_size**2 * num_channels` pixel values per token."""
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.norm_final = Qwen2RMSNorm(hidden_size, eps=config.flow_head_final_norm_eps)
+        self.linear = nn.Linear(hidden_size, config.patch_size**2 * config.num_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, hidden_states: torch.Tensor, time_embeds: torch.Tensor, image_index: torch.LongTensor):
+        params = self.adaLN_modulation(time_embeds).unflatten(-1, (2, -1))
+        shift, scale = modulation_per_position(params, params.new_zeros(params.shape[1:]), image_index)
+        return self.linear(modulate(self.norm_final(hidden_states), shift, scale))
+
+
+class Tuna2FlowHead(nn.Module):
+    """Runs over the whole sequence with the LLM's mask; modulation and the 3-D RoPE concern image spans only."""
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        self.layers = nn.ModuleList([Tuna2FlowHeadBlock(config, i) for i in range(config.flow_head_num_layers)])
+        self.final_layer = Tuna2FlowHeadFinalLayer(config)
+        self.rotary_emb = Tuna2FlowHeadRotaryEmbedding(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        time_embeds: torch.Tensor,
+        spans: Tuna2ImageSpans,
+        grid_widths: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`): the LLM's final (normed)
+                hidden states.
+            time_embeds (`torch.Tensor` of shape `(num_images, hidden_size)`): the adaLN conditioning of each image.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, seq_len, patch_size**2 * num_channels)`.
+        """
+        rotary = self.rotary_emb(hidden_states.dtype, position_ids, spans, grid_widths)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, time_embeds, spans.image_index, rotary, attention_mask, **kwargs)
+        return self.final_layer(hidden_states, time_embeds, spans.image_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tuna2ModelOutputWithPast(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Final (normed) hidden states of the language model.
+    past_key_values (`Cache`, *optional*):
+        Key/value cache of the language model.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden states of every language-model layer, when asked for.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of every language-model layer, when asked for.
+    time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`, *optional*):
+        Timestep embedding of each image (its time slot and its adaLN conditioning).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    time_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class Tuna2CausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
+        Next-token prediction loss, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Language-model logits.
+    past_key_values (`Cache`, *optional*):
+        Key/value cache of the language model.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden states of every language-model layer, when asked for.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of every language-model layer, when asked for.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class Tuna2FlowOutput(ModelOutput):
+    r"""
+    x0 (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, or a list of `(num_channels, height,
+    width)` tensors when the images differ in size):
+        The flow head's prediction of the clean image of every image span, in [-1, 1] pixel space (not clamped).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
+        Language-model logits, when asked for.
+    """
+
+    x0: torch.FloatTensor | list[torch.FloatTensor] | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class Tuna2PreTrainedModel(PreTrainedModel):
+    config: Tuna2Config
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer", "Tuna2FlowHeadBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The official initialisation of the parts that do not come from the LLM."""
+        super()._init_weights(module)
+        if isinstance(module, Tuna2PatchEmbedding):
+            init.xavier_uniform_(module.patch_embedding.weight)
+            init.zeros_(module.patch_embedding.bias)
+        elif isinstance(module, Tuna2TimestepEmbedder):
+            init.normal_(module.mlp[0].weight, std=0.02)
+            init.normal_(module.mlp[2].weight, std=0.02)
+        elif isinstance(module, Tuna2FlowHeadBlock):
+            init.zeros_(module.adaLN_modulation[1].weight)
+            init.zeros_(module.adaLN_modulation[1].bias)
+            init.copy_(module.neutral_modulation, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0]))
+        elif isinstance(module, Tuna2FlowHeadFinalLayer):
+            for linear in (module.adaLN_modulation[1], module.linear):
+                init.zeros_(linear.weight)
+                init.zeros_(linear.bias)
+        elif isinstance(module, Tuna2FlowHeadRotaryEmbedding):
+            config = self.config
+            init.copy_(
+                module.inv_freq,
+                llama3_inv_freq(config.flow_head_head_dim, config.flow_head_rope_theta, config.flow_head_rope_scaling),
+            )
+            for axis, omega in zip(
+                ("frame", "row", "col"), image_rope_omegas(config.image_rope_sections, config.image_rope_theta)
+            ):
+                init.copy_(getattr(module, f"omega_{axis}"), omega)
+        elif isinstance(module, Tuna2Model) and module.mask_token is not None:
+            init.normal_(module.mask_token, std=module.mask_token.shape[-1] ** -0.5)
+
+
+class Tuna2Model(Tuna2PreTrainedModel):
+    """The Qwen2 language model with the pixel patch embedding, the timestep embedder and the mask token."""
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__(config)
+        self.language_model = Qwen2Model(config.text_config)
+        self.patch_embed = Tuna2PatchEmbedding(config)
+        self.time_embed = Tuna2TimestepEmbedder(config)
+        hidden_size = config.text_config.hidden_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if config.use_mask_token else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | list[torch.Tensor], timesteps: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """
+        Embeds each image into the rows of its span.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(num_images, num_channels, height, width)`, or a list of
+                `(num_channels, height, width)` tensors): images in [-1, 1].
+            timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*): flow time of each image, t=1 (clean)
+                by default.
+
+        Returns:
+            `(span_embeds, time_embeds)`: a list with one `(1 + num_patches, hidden_size)` tensor per image (the time
+            slot, then the patches) and the `(num_images, hidden_size)` time embeddings.
+        """
+        images = make_image_list(pixel_values)
+        check_image_sizes(images, self.config.patch_size, self.config.num_channels)
+        device = self.patch_embed.patch_embedding.weight.device
+        if timesteps is None:
+            timesteps = torch.ones(len(images), device=device)
+        timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
+        if timesteps.shape[0] != len(images):
+            raise ValueError(f"got {timesteps.shape[0]} timesteps for {len(images)} images")
+        time_embeds = self.time_embed(timesteps)
+        if isinstance(pixel_values, torch.Tensor):
+            patch_embeds = list(self.patch_embed(pixel_values.to(device)).unbind(0))
+        else:
+            patch_embeds = [self.patch_embed(image[None].to(device))[0] for image in images]
+        span_embeds = [torch.cat([time[None], patches]) for time, patches in zip(time_embeds, patch_embeds)]
+        return span_embeds, time_embeds
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, span_embeds: list[torch.Tensor]
+    ) -> torch.BoolTensor:
+        """Checks that the image spans of `input_ids` match the images one to one and returns the `(B, L, 1)` mask of
+        their positions."""
+        if spans.num_images != len(span_embeds):
+            raise ValueError(
+                f"the input ids hold {spans.num_images} image spans but {len(span_embeds)} images were given"
+            )
+        for i, (length, embeds) in enumerate(zip(spans.lengths, span_embeds)):
+            if length != embeds.shape[0]:
+                raise ValueError(
+                    f"image span {i} has {length} slots but image {i} needs {embeds.shape[0]} "
+                    f"(1 time slot + {embeds.shape[0] - 1} patches)"
+                )
+        return (input_ids == self.config.image_token_id).unsqueeze(-1)
+
+    def create_attention_mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        position_ids: torch.LongTensor,
+        spans: Tuna2ImageSpans | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Causal attention, bidirectional inside each image span (time slot and patches, not the boi/eoi tokens),
+        with the padding of `attention_mask`. Shared by the language model and the flow head."""
+        has_spans = spans is not None and spans.num_images > 0
+        mask = create_causal_mask(
+            config=self.config.text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+            block_sequence_ids=spans.image_index if has_spans else None,
+        )
+        return {"full_attention": mask}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        timesteps: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Tuna2ModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Token ids; each image is a run of `image_token_id` of length 1 + its number of patches.
+        pixel_values (`torch.Tensor` of shape `(num_images, num_channels, height, width)` or a list of
+            `(num_channels, height, width)` tensors, *optional*):
+            The images of the spans, sample-major, in [-1, 1].
+        timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
+            Flow time of each image; t=1 (clean) by default.
+        attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
+            1 for tokens to attend to, 0 for padding. Position ids follow it when not given.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError("pixel_values need input_ids to locate the image spans")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = self.default_position_ids(inputs_embeds, attention_mask, past_length)
+        max_positions = self.config.text_config.max_position_embeddings
+        if past_length + inputs_embeds.shape[1] > max_positions:
+            raise ValueError(
+                f"sequence length {past_length + inputs_embeds.shape[1]} exceeds the model's "
+                f"max_position_embeddings ({max_positions})"
+            )
+
+        spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id) if input_ids is not None else None
+        time_embeds = None
+        if pixel_values is not None:
+            span_embeds, time_embeds = self.get_image_features(pixel_values, timesteps)
+            placeholder_mask = self.get_placeholder_mask(input_ids, spans, span_embeds)
+            image_embeds = torch.cat(span_embeds).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
+        elif spans is not None and spans.num_images and past_length == 0:
+            raise ValueError(f"the input ids hold {spans.num_images} image spans but no pixel_values were given")
+
+        if not isinstance(attention_mask, dict):
+            attention_mask = self.create_attention_mask(inputs_embeds, attention_mask, past_key_values, position_ids, spans)
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Tuna2ModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            time_embeds=time_embeds,
+        )
+
+    @staticmethod
+    def default_position_ids(
+        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int
+    ) -> torch.LongTensor:
+        """Positions counted over real tokens only, so that a left-padded prompt sees the positions it has alone."""
+        length = inputs_embeds.shape[1]
+        if attention_mask is None or attention_mask.ndim != 2:
+            return torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:].to(inputs_embeds.device)
+
+
+class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
+    """Tuna-2: understanding through the language-model head, generation and editing through the flow head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__(config)
+        self.model = Tuna2Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.flow_head = Tuna2FlowHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        timesteps: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Tuna2CausalLMOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Token ids from [`Tuna2Processor`]; each image is a run of `<|image_pad|>` (time slot + patches).
+        pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`, or a list of `(3, height, width)`
+            tensors, *optional*):
+            The images of the spans in [-1, 1], sample-major.
+        timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
+            Flow time of each image (t=1 clean, the default).
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets, -100 where ignored. The model shifts them.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            Compute logits for the last `logits_to_keep` positions only (0: all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            timesteps=timesteps,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return Tuna2CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def predict_x0(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | list[torch.Tensor],
+        timesteps: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_logits: bool = False,
+        **kwargs,
+    ) -> Tuna2FlowOutput:
+        r"""
+        Runs the language model and the flow head over whole sequences and returns the x0 prediction of every image
+        span (the time slot dropped, the patches un-patchified with `config.output_layout`).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids with one image span per image.
+            pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)` or a list of `(3, height, width)`
+                tensors):
+                The current state of each image: noisy `z_t` for images being generated, clean for conditions.
+            timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
+                Flow time of each image (t=1 clean, the default).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Padding mask.
+            return_logits (`bool`, defaults to `False`):
+                Also return the language-model logits.
+
+        Returns:
+            [`Tuna2FlowOutput`] with `x0` of shape `(num_images, 3, height, width)` (a list if sizes differ).
+        """
+        images = make_image_list(pixel_values)
+        grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
+        # The mask builder reads only the batch size, length, dtype and device of its embeddings argument.
+        shape_only = torch.empty((*input_ids.shape, 0), dtype=self.dtype, device=input_ids.device)
+        if position_ids is None:
+            position_ids = Tuna2Model.default_position_ids(shape_only, attention_mask, 0)
+        spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id)
+        mask = self.model.create_attention_mask(shape_only, attention_mask, None, position_ids, spans)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            timesteps=timesteps,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        grid_widths = torch.tensor([w for _, w in grids], device=input_ids.device)
+        head_output = self.flow_head(
+            outputs.last_hidden_state,
+            outputs.time_embeds,
+            spans,
+            grid_widths,
+            position_ids,
+            mask["full_attention"],
+            **kwargs,
+        )
+        patch_outputs = head_output[spans.is_patch].split([h * w for h, w in grids])
+        x0 = [
+            unpatchify(tokens, grid, self.config.patch_size, self.config.output_layout)
+            for tokens, grid in zip(patch_outputs, grids)
+        ]
+        if len(set(grids)) == 1:
+            x0 = torch.stack(x0)
+        logits = self.lm_head(outputs.last_hidden_state) if return_logits else None
+        return Tuna2FlowOutput(x0=x0, logits=logits)
+
+
+__all__ = ["Tuna2PreTrainedModel", "Tuna2Model", "Tuna2ForConditionalGeneration"]
