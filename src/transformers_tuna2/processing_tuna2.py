@@ -1,0 +1,122 @@
+"""Tuna-2 processor: the Qwen2 tokenizer and the image processor. It owns the sequence layout: each image becomes
+`<|vision_start|>` + one `<|image_pad|>` per span slot (1 time slot + one per patch) + `<|vision_end|>`."""
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+
+from .image_processing_tuna2 import flatten_images
+
+
+DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Qwen2.5's template with image content items. Content items are joined with a newline, so that an image followed
+# by a question renders exactly as the official evaluation prompt "<image>\n{question}".
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\\n' + render(messages[0]['content']) + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if not (message['role'] == 'system' and loop.first) -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+class Tuna2ProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"padding": False, "add_special_tokens": False}}
+
+
+class Tuna2Processor(ProcessorMixin):
+    r"""
+    Wraps a Qwen2 tokenizer and a [`Tuna2ImageProcessor`].
+
+    In `text`, each `<|image_pad|>` stands for one image (the chat template writes
+    `<|vision_start|><|image_pad|><|vision_end|>` for an image content item); the processor expands it to
+    `1 + num_patches` copies, the image's span.
+
+    Args:
+        image_processor ([`Tuna2ImageProcessor`]): the image processor.
+        tokenizer ([`Qwen2TokenizerFast`]): the tokenizer, with the Qwen special tokens.
+        chat_template (`str`, *optional*): defaults to the Qwen2.5 template with image items.
+    """
+
+    valid_processor_kwargs = Tuna2ProcessorKwargs
+    image_token = "<|image_pad|>"
+    vision_start_token = "<|vision_start|>"
+    vision_end_token = "<|vision_end|>"
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+    def num_span_slots(self, height: int, width: int) -> int:
+        """Slots of an image span: one time slot plus one per patch."""
+        patch_size = self.image_processor.patch_size
+        return 1 + (height // patch_size) * (width // patch_size)
+
+    def expand_image_tokens(self, texts: list[str], pixel_values) -> list[str]:
+        """Replaces the i-th `<|image_pad|>` of the batch with the span of the i-th image."""
+        counts = [text.count(self.image_token) for text in texts]
+        num_images = 0 if pixel_values is None else len(pixel_values)
+        if sum(counts) != num_images:
+            raise ValueError(
+                f"the text holds {sum(counts)} image placeholders ({self.image_token}) but {num_images} images were given"
+            )
+        expanded, image_iter = [], iter(range(num_images))
+        for text in texts:
+            pieces = text.split(self.image_token)
+            out = pieces[0]
+            for piece in pieces[1:]:
+                height, width = pixel_values[next(image_iter)].shape[-2:]
+                out += self.image_token * self.num_span_slots(height, width) + piece
+            expanded.append(out)
+        return expanded
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: images for the placeholders, in order (one list, or one list per sample).
+            text (`str` or `list[str]`): texts with one `<|image_pad|>` per image.
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask` and, with images, `pixel_values` (see
+            [`Tuna2ImageProcessor.preprocess`]).
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("Tuna-2 takes images and text only")
+        if text is None:
+            raise ValueError("Tuna2Processor needs text; use the image processor alone for images only")
+        texts = [text] if isinstance(text, str) else list(text)
+        output_kwargs = self._merge_kwargs(
+            Tuna2ProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
+        output_kwargs["images_kwargs"].pop("return_tensors", None)
+
+        pixel_values = None
+        if images is not None and flatten_images(images):
+            pixel_values = self.image_processor(images, **output_kwargs["images_kwargs"])["pixel_values"]
+        texts = self.expand_image_tokens(texts, pixel_values)
+        data = dict(self.tokenizer(texts, return_tensors=return_tensors, **output_kwargs["text_kwargs"]))
+        if pixel_values is not None:
+            data["pixel_values"] = pixel_values
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["pixel_values"])
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["Tuna2Processor"]
