@@ -122,10 +122,11 @@ class Tuna2Config(PreTrainedConfig):
             self.flow_head_rope_scaling = dict(FLOW_HEAD_LLAMA3_ROPE_SCALING)
         if self.image_rope_sections is None:
             self.image_rope_sections = [16, 24, 24]
+        self.check_flow_head_settings()
         super().__post_init__(**kwargs)
 
-    def validate_architecture(self):
-        super().validate_architecture()
+    def check_flow_head_settings(self):
+        """Raises a `ValueError` naming the first inconsistent setting."""
         if self.output_layout not in OUTPUT_LAYOUTS:
             raise ValueError(f"output_layout must be one of {OUTPUT_LAYOUTS}, got {self.output_layout!r}")
         if sum(self.image_rope_sections) != self.flow_head_head_dim or any(s % 2 for s in self.image_rope_sections):

@@ -1,0 +1,71 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import build_processor, build_tokenizer, tiny_model
+from transformers import AutoTokenizer
+from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "conversion"))
+from official_keys import official_to_hf_key  # noqa: E402
+
+
+OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return build_processor(tokenizer, size={"height": 32, "width": 48})
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    return tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def official_reference():
+    return load_file(OFFICIAL / "reference_subset.safetensors")
+
+
+@pytest.fixture(scope="session")
+def official_tokenizer():
+    return AutoTokenizer.from_pretrained(OFFICIAL / "tokenizer_tuna")
+
+
+@pytest.fixture(scope="session")
+def official_model(official_tokenizer):
+    """Our model carrying the official fixture weights (official key names mapped to ours)."""
+    text_config = json.loads((OFFICIAL / "qwen_tiny_config.json").read_text())
+    for key in ("architectures", "model_type", "torch_dtype", "transformers_version"):
+        text_config.pop(key, None)
+    text_config["vocab_size"] = len(official_tokenizer)
+    config = Tuna2Config(
+        text_config=text_config,
+        flow_head_num_layers=2,
+        flow_head_num_attention_heads=2,
+        flow_head_num_key_value_heads=1,
+        flow_head_intermediate_size=256,
+        image_token_id=official_tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=official_tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=official_tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    model = Tuna2ForConditionalGeneration(config).eval()
+    official = load_file(OFFICIAL / "official.safetensors")
+    model.load_state_dict({official_to_hf_key(key): value for key, value in official.items()}, strict=True)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,94 @@
+"""Tiny Tuna-2 models and tokenizers built on the spot, for tests and benchmarks (no download)."""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from transformers_tuna2 import (
+    Tuna2Config,
+    Tuna2ForConditionalGeneration,
+    Tuna2ImageProcessor,
+    Tuna2Processor,
+)
+
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+CORPUS = [
+    "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    "What is written on the sign? Describe the image in detail.",
+    "a red circle, a blue square and a green triangle on a white background",
+    "What colour is the shape? How many shapes are there? Where is the square?",
+    "system user assistant",
+]
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences, with the Qwen special tokens after the learned vocabulary."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    wrapped.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    return wrapped
+
+
+def build_processor(tokenizer=None, **image_processor_kwargs) -> Tuna2Processor:
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    return Tuna2Processor(image_processor=Tuna2ImageProcessor(**image_processor_kwargs), tokenizer=tokenizer)
+
+
+def tiny_config(tokenizer, **kwargs) -> Tuna2Config:
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    defaults = dict(
+        text_config=text_config,
+        flow_head_num_layers=2,
+        flow_head_num_attention_heads=2,
+        flow_head_num_key_value_heads=1,
+        flow_head_intermediate_size=256,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    defaults.update(kwargs)
+    return Tuna2Config(**defaults)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Redraws every parameter (norm weights around 1), so that the zero-initialised adaLN and final layer matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * std
+            param.copy_((1.0 + noise) if "norm" in name else noise * (4 if "patch_embedding" in name else 1))
+    return model
+
+
+def tiny_model(tokenizer, seed: int = 0, **config_kwargs) -> Tuna2ForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = Tuna2ForConditionalGeneration(tiny_config(tokenizer, **config_kwargs))
+    return randomize_(model, seed).eval()
