@@ -5,7 +5,7 @@ import torch
 
 from tiny import tiny_config, tiny_model
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
-from transformers_tuna2.modeling_tuna2 import Tuna2ImageSpans, patchify, unpatchify
+from transformers_tuna2.modeling_tuna2 import Tuna2ImageSpans, llama3_inv_freq, patchify, unpatchify
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -124,7 +124,7 @@ def test_text_rope_uses_llama3_scaled_frequencies(tokenizer, processor, model):
         else:
             s = (8192 / wavelength - 1) / 3
             expected.append((1 - s) * inv / 32 + s * inv)
-    inv_freq = model.flow_head.rotary_emb.inv_freq
+    inv_freq = llama3_inv_freq(64, model.config.flow_head_rope_theta, model.config.flow_head_rope_scaling)
     torch.testing.assert_close(inv_freq.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
     unchanged = [i for i in range(32) if math.isclose(inv_freq[i].item(), 500000.0 ** (-2 * i / 64), rel_tol=1e-6)]
     assert unchanged == list(range(15))

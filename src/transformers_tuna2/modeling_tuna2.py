@@ -239,12 +239,16 @@ class Tuna2FlowHeadRotary:
 
 
 class Tuna2FlowHeadRotaryEmbedding(nn.Module):
+    """Builds the rotary tables of a flow-head call. The frequencies are recomputed in fp32 at each call (32 values
+    per axis) rather than kept as buffers, so that casting the model to bf16 cannot round them."""
+
     def __init__(self, config: Tuna2Config):
         super().__init__()
-        inv_freq = llama3_inv_freq(config.flow_head_head_dim, config.flow_head_rope_theta, config.flow_head_rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        for axis, omega in zip(("frame", "row", "col"), image_rope_omegas(config.image_rope_sections, config.image_rope_theta)):
-            self.register_buffer(f"omega_{axis}", omega, persistent=False)
+        self.head_dim = config.flow_head_head_dim
+        self.text_theta = config.flow_head_rope_theta
+        self.text_scaling = config.flow_head_rope_scaling
+        self.image_sections = config.image_rope_sections
+        self.image_theta = config.image_rope_theta
 
     def forward(
         self, dtype: torch.dtype, position_ids: torch.LongTensor, spans: Tuna2ImageSpans, grid_widths: torch.LongTensor
@@ -255,7 +259,9 @@ class Tuna2FlowHeadRotaryEmbedding(nn.Module):
             spans (`Tuna2ImageSpans`): the image spans of the sequence.
             grid_widths (`torch.LongTensor` of shape `(num_images,)`): patches per row of each image.
         """
-        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        device = position_ids.device
+        inv_freq = llama3_inv_freq(self.head_dim, self.text_theta, self.text_scaling).to(device)
+        freqs = position_ids[..., None].float() * inv_freq
         text_angles = torch.cat((freqs, freqs), dim=-1)
         # Every span restarts its patch grid at (0, 0, 0): in editing, source and target share positions.
         patch = (spans.span_position - 1).clamp(min=0)
@@ -265,7 +271,8 @@ class Tuna2FlowHeadRotaryEmbedding(nn.Module):
             [
                 axis_pos[..., None].float() * omega
                 for axis_pos, omega in zip(
-                    (frame, patch // width, patch % width), (self.omega_frame, self.omega_row, self.omega_col)
+                    (frame, patch // width, patch % width),
+                    [omega.to(device) for omega in image_rope_omegas(self.image_sections, self.image_theta)],
                 )
             ],
             dim=-1,
@@ -361,7 +368,6 @@ class Tuna2FlowHeadBlock(GradientCheckpointingLayer):
         self.input_layernorm = Qwen2RMSNorm(hidden_size, eps=config.flow_head_rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(hidden_size, eps=config.flow_head_rms_norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        self.register_buffer("neutral_modulation", torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0]), persistent=False)
 
     def forward(
         self,
@@ -373,7 +379,8 @@ class Tuna2FlowHeadBlock(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         params = self.adaLN_modulation(time_embeds).unflatten(-1, (6, -1))
-        neutral = self.neutral_modulation[:, None].expand(6, params.shape[-1])
+        # Outside image spans: shift 0, scale 0, gate 1.
+        neutral = params.new_tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])[:, None].expand(6, params.shape[-1])
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation_per_position(
             params, neutral, image_index
         )
@@ -521,21 +528,10 @@ class Tuna2PreTrainedModel(PreTrainedModel):
         elif isinstance(module, Tuna2FlowHeadBlock):
             init.zeros_(module.adaLN_modulation[1].weight)
             init.zeros_(module.adaLN_modulation[1].bias)
-            init.copy_(module.neutral_modulation, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0]))
         elif isinstance(module, Tuna2FlowHeadFinalLayer):
             for linear in (module.adaLN_modulation[1], module.linear):
                 init.zeros_(linear.weight)
                 init.zeros_(linear.bias)
-        elif isinstance(module, Tuna2FlowHeadRotaryEmbedding):
-            config = self.config
-            init.copy_(
-                module.inv_freq,
-                llama3_inv_freq(config.flow_head_head_dim, config.flow_head_rope_theta, config.flow_head_rope_scaling),
-            )
-            for axis, omega in zip(
-                ("frame", "row", "col"), image_rope_omegas(config.image_rope_sections, config.image_rope_theta)
-            ):
-                init.copy_(getattr(module, f"omega_{axis}"), omega)
         elif isinstance(module, Tuna2Model) and module.mask_token is not None:
             init.normal_(module.mask_token, std=module.mask_token.shape[-1] ** -0.5)
 
