@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import build_processor, build_tokenizer, tiny_model
+from tiny import build_processor, build_tokenizer, tiny_config, tiny_model
 from transformers import AutoTokenizer
-from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
+from transformers_tuna2 import Tuna2ForConditionalGeneration
 
 import sys
 
@@ -50,16 +50,7 @@ def official_model(official_tokenizer):
     for key in ("architectures", "model_type", "torch_dtype", "transformers_version"):
         text_config.pop(key, None)
     text_config["vocab_size"] = len(official_tokenizer)
-    config = Tuna2Config(
-        text_config=text_config,
-        flow_head_num_layers=2,
-        flow_head_num_attention_heads=2,
-        flow_head_num_key_value_heads=1,
-        flow_head_intermediate_size=256,
-        image_token_id=official_tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        vision_start_token_id=official_tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=official_tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
+    config = tiny_config(official_tokenizer, text_config=text_config)
     model = Tuna2ForConditionalGeneration(config).eval()
     official = load_file(OFFICIAL / "official.safetensors")
     model.load_state_dict({official_to_hf_key(key): value for key, value in official.items()}, strict=True)
