@@ -42,10 +42,15 @@ def main():
     processor = build_processor(tokenizer, size={"height": 256, "width": 256})
     model = tiny_model(tokenizer)
     image = torch.randint(0, 256, (256, 256, 3), dtype=torch.uint8).numpy()
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": "What colour is the shape?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "What colour is the shape?"}],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     length = inputs.input_ids.shape[1]
     new_tokens = 32
 
@@ -57,12 +62,16 @@ def main():
             args.repeats,
         )
 
-    print(f"date {date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, sequence {length} tokens, fp32")
+    print(
+        f"date {date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, sequence {length} tokens, fp32"
+    )
     print(f"forward (LLM + lm_head):       {forward * 1e3:8.2f} ms")
     print(f"predict_x0 (LLM + flow head):  {x0 * 1e3:8.2f} ms")
-    print(f"generate {new_tokens} tokens (cache):  {generate * 1e3:8.2f} ms  "
-          f"({new_tokens / generate:.0f} tokens/s after a {length}-token prefill)")
+    print(
+        f"generate {new_tokens} tokens (cache):  {generate * 1e3:8.2f} ms  "
+        f"({new_tokens / generate:.0f} tokens/s after a {length}-token prefill)"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import re
 
-
 # (official prefix, our prefix), tried in order; the official `tuna.*` subtree is a stock Qwen2ForCausalLM.
 OFFICIAL_PREFIXES = (
     ("tuna.model.", "model.language_model."),

@@ -1,6 +1,6 @@
 """Ask Tuna-2 about an image.
 
-    python examples/chat.py --model ./tuna2-7b --image sign.jpg "What is written on the sign?"
+python examples/chat.py --model ./tuna2-7b --image sign.jpg "What is written on the sign?"
 """
 
 import argparse
@@ -25,12 +25,20 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, device_map=args.device)
     processor = AutoProcessor.from_pretrained(args.model)
-    messages = [{"role": "user", "content": [{"type": "image", "image": PIL.Image.open(args.image)},
-                                             {"type": "text", "text": args.question}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt").to(model.device)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": PIL.Image.open(args.image)},
+                {"type": "text", "text": args.question},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip())
+    print(processor.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def test_values_are_scaled_to_minus_one_one():
 def test_resize_modes():
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 100, 3), dtype=np.uint8))
     direct = Tuna2ImageProcessor(size={"height": 32, "width": 32})(image)["pixel_values"]
-    expected = (torch.from_numpy(np.asarray(image.resize((32, 32), PIL.Image.BICUBIC), dtype=np.float32)) / 255 - 0.5) / 0.5
+    expected = (
+        torch.from_numpy(np.asarray(image.resize((32, 32), PIL.Image.BICUBIC), dtype=np.float32)) / 255 - 0.5
+    ) / 0.5
     torch.testing.assert_close(direct[0], expected.permute(2, 0, 1))
     cropped = Tuna2ImageProcessor(size={"height": 32, "width": 32}, resize_mode="center_crop")(image)["pixel_values"]
     covered = image.resize((64, 32), PIL.Image.BICUBIC).crop((16, 0, 48, 32))

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from tiny import tiny_config, tiny_model
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
 from transformers_tuna2.modeling_tuna2 import Tuna2ImageSpans, llama3_inv_freq, patchify, unpatchify
+
+from tiny import tiny_config, tiny_model
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -57,8 +58,13 @@ def test_patch_change_reaches_own_image_and_later_tokens_only(tokenizer, process
 
 def test_sdpa_and_eager_agree(tokenizer, processor, model):
     images = random_images(1)
-    inputs = encode(processor, [f"look {IMAGE} here", f"{IMAGE} and some more words"], torch.cat([images, images]),
-                    padding=True, padding_side="left")
+    inputs = encode(
+        processor,
+        [f"look {IMAGE} here", f"{IMAGE} and some more words"],
+        torch.cat([images, images]),
+        padding=True,
+        padding_side="left",
+    )
     eager = tiny_model(tokenizer)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
@@ -75,8 +81,10 @@ def test_left_padding_does_not_change_x0(tokenizer, processor, model):
     batch = encode(processor, texts, images, padding=True, padding_side="left")
     with torch.no_grad():
         batched = model.predict_x0(**batch, pixel_values=images).x0
-        alone = [model.predict_x0(**encode(processor, t, images[i : i + 1]), pixel_values=images[i : i + 1]).x0
-                 for i, t in enumerate(texts)]
+        alone = [
+            model.predict_x0(**encode(processor, t, images[i : i + 1]), pixel_values=images[i : i + 1]).x0
+            for i, t in enumerate(texts)
+        ]
     torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
 
@@ -174,8 +182,15 @@ def test_generate_with_cache_equals_recomputation(processor, model):
     images = random_images(1, seed=5)
     inputs = encode(processor, f"<|im_start|>user\n{IMAGE}\nWhat is here?<|im_end|>\n<|im_start|>assistant\n", images)
     with torch.no_grad():
-        out = model.generate(**inputs, pixel_values=images, max_new_tokens=6, do_sample=False, min_new_tokens=6,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs,
+            pixel_values=images,
+            max_new_tokens=6,
+            do_sample=False,
+            min_new_tokens=6,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         ids = inputs.input_ids
         for step in range(6):
             logits = model(input_ids=ids, pixel_values=images, use_cache=False).logits[:, -1]
@@ -188,7 +203,9 @@ def test_generate_left_padded_batch_equals_each_prompt_alone(processor, model):
     images = random_images(2, seed=7)
     texts = [f"{IMAGE}\nWhat colour?", f"<|im_start|>user\n{IMAGE}\nHow many shapes are there in total?"]
     batch = encode(processor, texts, images, padding=True, padding_side="left")
-    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     with torch.no_grad():
         batched = model.generate(**batch, pixel_values=images, **kwargs)
         for i, text in enumerate(texts):

@@ -26,8 +26,9 @@ def test_editing_x0_of_source_and_target_in_both_branches(official_model, offici
     t = official_reference["edit_64x64.t_steps"][step]
     one = torch.ones(())
     with torch.no_grad():
-        x0 = official_model.predict_x0(ids, torch.stack([source, z, source, z]),
-                                       timesteps=torch.stack([one, t, one, t])).x0
+        x0 = official_model.predict_x0(
+            ids, torch.stack([source, z, source, z]), timesteps=torch.stack([one, t, one, t])
+        ).x0
     torch.testing.assert_close(x0, official_reference["edit_64x64.x0_all"][step][:, :, 0], atol=1e-5, rtol=0)
 
 
@@ -37,8 +38,9 @@ def test_llm_hidden_states(official_model, official_reference):
     z = official_reference["t2i_64x64.z_steps"][0][:, 0]
     t = official_reference["t2i_64x64.t_steps"][0]
     with torch.no_grad():
-        hidden = official_model.model(input_ids=ids, pixel_values=torch.stack([z, z]),
-                                      timesteps=torch.stack([t, t])).last_hidden_state
+        hidden = official_model.model(
+            input_ids=ids, pixel_values=torch.stack([z, z]), timesteps=torch.stack([t, t])
+        ).last_hidden_state
     torch.testing.assert_close(hidden[:, : expected.shape[1]], expected, atol=1e-5, rtol=0)
 
 
@@ -47,9 +49,15 @@ def test_understanding_logits_and_greedy_tokens(official_model, official_referen
     pixels = official_reference["mmu_64x64.pixel_values"]
     with torch.no_grad():
         logits = official_model(input_ids=ids, pixel_values=pixels).logits
-        out = official_model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=8, do_sample=False, output_logits=True,
-                                      return_dict_in_generate=True)
+        out = official_model.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     torch.testing.assert_close(logits, official_reference["mmu_64x64.prefill_logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat(out.logits), official_reference["mmu_64x64.step_logits"], atol=1e-4, rtol=0)
-    assert out.sequences[0, ids.shape[1]:].tolist() == official_reference["mmu_64x64.output_ids"].tolist()
+    assert out.sequences[0, ids.shape[1] :].tolist() == official_reference["mmu_64x64.output_ids"].tolist()

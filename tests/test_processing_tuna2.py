@@ -1,10 +1,10 @@
-import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from tiny import build_processor
 from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
+
+from tiny import build_processor
 
 
 def test_single_image_question_reproduces_official_evaluation_sequence(official_tokenizer, official_reference):
@@ -12,10 +12,18 @@ def test_single_image_question_reproduces_official_evaluation_sequence(official_
     pipeline tokenized it, with the image expanded to boi + 17 image pads + eoi."""
     processor = Tuna2Processor(Tuna2ImageProcessor(size={"height": 64, "width": 64}), official_tokenizer)
     image = PIL.Image.fromarray(official_reference["mmu_64x64.image_uint8"].numpy())
-    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": "What shapes and colors are in this image?"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image},
+                {"type": "text", "text": "What shapes and colors are in this image?"},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert inputs.input_ids.tolist() == official_reference["mmu_64x64.input_ids"].tolist()
     assert torch.equal(inputs.pixel_values, official_reference["mmu_64x64.pixel_values"])
     assert inputs.attention_mask.all()
@@ -46,13 +54,34 @@ def test_each_placeholder_becomes_a_span_of_one_time_slot_plus_patches(processor
 
 def test_batch_chat_template_with_left_padding(processor):
     conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": PIL.Image.new("RGB", (8, 8))},
-                                      {"type": "text", "text": "What colour?"}]}],
-        [{"role": "user", "content": [{"type": "image", "image": PIL.Image.new("RGB", (8, 8))},
-                                      {"type": "text", "text": "How many shapes are there in this image?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": PIL.Image.new("RGB", (8, 8))},
+                    {"type": "text", "text": "What colour?"},
+                ],
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": PIL.Image.new("RGB", (8, 8))},
+                    {"type": "text", "text": "How many shapes are there in this image?"},
+                ],
+            }
+        ],
     ]
-    out = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt", padding=True, padding_side="left")
+    out = processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
     assert out.input_ids.shape[0] == 2 and out.pixel_values.shape[0] == 2
     assert out.attention_mask[0, 0] == 0 and out.attention_mask[:, -1].all()
 
@@ -60,8 +89,9 @@ def test_batch_chat_template_with_left_padding(processor):
 def test_images_of_different_sizes_come_back_as_a_list(tokenizer):
     processor = build_processor(tokenizer)  # 512-class buckets
     images = [PIL.Image.new("RGB", (100, 100)), PIL.Image.new("RGB", (300, 100))]
-    out = processor(text=["<|image_pad|>", "<|image_pad|>"], images=[[images[0]], [images[1]]], return_tensors="pt",
-                    padding=True)
+    out = processor(
+        text=["<|image_pad|>", "<|image_pad|>"], images=[[images[0]], [images[1]]], return_tensors="pt", padding=True
+    )
     assert [tuple(p.shape) for p in out.pixel_values] == [(3, 512, 512), (3, 384, 672)]
     assert ((out.input_ids == processor.image_token_id).sum(1)).tolist() == [1 + 32 * 32, 1 + 24 * 42]
 

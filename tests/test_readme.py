@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import PIL.Image
-import torch
 
 from tiny import build_processor, tiny_model
 
@@ -31,9 +30,19 @@ def test_chat_example_script(tmp_path, tokenizer):
     PIL.Image.new("RGB", (40, 30), "teal").save(tmp_path / "image.png")
     script = Path(__file__).parents[1] / "examples" / "chat.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"),
-         "--max-new-tokens", "4", "What colour is it?"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            str(tmp_path / "model"),
+            "--image",
+            str(tmp_path / "image.png"),
+            "--max-new-tokens",
+            "4",
+            "What colour is it?",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.endswith("\n")  # the decoded answer (random weights: any text) was printed

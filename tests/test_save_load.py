@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from tiny import build_processor, tiny_model
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Model, Tuna2Processor
+
+from tiny import build_processor, tiny_model
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -17,8 +18,9 @@ IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 def chat_inputs(processor):
     image = torch.randint(0, 256, (40, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt")
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,6 @@ from transformers_tuna2 import (
     Tuna2Processor,
 )
 
-
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",

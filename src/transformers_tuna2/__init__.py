@@ -13,7 +13,6 @@ from .image_processing_tuna2 import Tuna2ImageProcessor
 from .modeling_tuna2 import Tuna2ForConditionalGeneration, Tuna2Model, Tuna2PreTrainedModel
 from .processing_tuna2 import Tuna2Processor
 
-
 AutoConfig.register("tuna2", Tuna2Config, exist_ok=True)
 AutoModel.register(Tuna2Config, Tuna2Model, exist_ok=True)
 AutoModelForImageTextToText.register(Tuna2Config, Tuna2ForConditionalGeneration, exist_ok=True)

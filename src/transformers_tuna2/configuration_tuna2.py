@@ -5,7 +5,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import Qwen2Config
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-
 OUTPUT_LAYOUTS = ("raster", "patch")
 
 # The llama3 frequency scaling the official flow head applies to its 1-D text RoPE.
@@ -140,7 +139,9 @@ class Tuna2Config(PreTrainedConfig):
                 f"flow_head_num_key_value_heads ({self.flow_head_num_key_value_heads})"
             )
         if self.flow_head_rope_scaling.get("rope_type", "llama3") != "llama3":
-            raise ValueError(f"flow_head_rope_scaling supports rope_type 'llama3' only, got {self.flow_head_rope_scaling}")
+            raise ValueError(
+                f"flow_head_rope_scaling supports rope_type 'llama3' only, got {self.flow_head_rope_scaling}"
+            )
 
     @classmethod
     def tuna2_7b(cls, **kwargs) -> "Tuna2Config":

@@ -5,7 +5,6 @@ import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-
 # Resolution buckets as (height, width), in the official order (ties go to the first).
 BUCKETS = {
     "512": ((512, 512), (448, 576), (576, 448), (384, 672), (672, 384)),
@@ -90,7 +89,9 @@ class Tuna2ImageProcessor(BaseImageProcessor):
             return nearest_bucket(height, width, resolution)
         target = (int(size["height"]), int(size["width"]))
         if min(target) <= 0 or target[0] % self.patch_size or target[1] % self.patch_size:
-            raise ValueError(f"size {target[0]}x{target[1]} must be positive multiples of the patch size {self.patch_size}")
+            raise ValueError(
+                f"size {target[0]}x{target[1]} must be positive multiples of the patch size {self.patch_size}"
+            )
         return target
 
     @staticmethod

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, Qwen2Model
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
@@ -22,10 +23,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
-from transformers import initialization as init
 
 from .configuration_tuna2 import Tuna2Config
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image spans
@@ -78,7 +77,9 @@ def make_image_list(pixel_values: torch.Tensor | list[torch.Tensor]) -> list[tor
     """Returns the images of `pixel_values` (a `(n, C, H, W)` batch or a list of `(C, H, W)` tensors) as a list."""
     if isinstance(pixel_values, torch.Tensor):
         if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
         return list(pixel_values.unbind(0))
     images = list(pixel_values)
     for image in images:
@@ -172,7 +173,9 @@ class Tuna2TimestepEmbedder(nn.Module):
         hidden_size = config.text_config.hidden_size
         self.frequency_dim = config.timestep_frequency_dim
         self.mlp = nn.Sequential(
-            nn.Linear(self.frequency_dim, hidden_size, bias=True), nn.SiLU(), nn.Linear(hidden_size, hidden_size, bias=True)
+            nn.Linear(self.frequency_dim, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -664,7 +667,9 @@ class Tuna2Model(Tuna2PreTrainedModel):
                 f"max_position_embeddings ({max_positions})"
             )
 
-        spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id) if input_ids is not None else None
+        spans = (
+            Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id) if input_ids is not None else None
+        )
         time_embeds = None
         if pixel_values is not None:
             span_embeds, time_embeds = self.get_image_features(pixel_values, timesteps)
@@ -675,7 +680,9 @@ class Tuna2Model(Tuna2PreTrainedModel):
             raise ValueError(f"the input ids hold {spans.num_images} image spans but no pixel_values were given")
 
         if not isinstance(attention_mask, dict):
-            attention_mask = self.create_attention_mask(inputs_embeds, attention_mask, past_key_values, position_ids, spans)
+            attention_mask = self.create_attention_mask(
+                inputs_embeds, attention_mask, past_key_values, position_ids, spans
+            )
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -763,7 +770,9 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return Tuna2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

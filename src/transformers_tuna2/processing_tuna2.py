@@ -6,7 +6,6 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from .image_processing_tuna2 import flatten_images
 
-
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 # Qwen2.5's template with image content items. Content items are joined with a newline, so that an image followed
