@@ -158,7 +158,7 @@ class Tuna2PatchEmbedding(nn.Module):
 
 
 def timestep_sinusoids(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """`(n,)` times -> `(n, dim)` features `[cos(t f_k), sin(t f_k)]` with `f_k = max_period^(-k / (dim/2))`, in fp32."""
+    """`(n,)` times -> `(n, dim)` fp32 features `[cos(t f_k), sin(t f_k)]`, `f_k = max_period^(-k / (dim/2))`."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]

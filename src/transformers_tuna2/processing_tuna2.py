@@ -71,7 +71,8 @@ class Tuna2Processor(ProcessorMixin):
         num_images = 0 if pixel_values is None else len(pixel_values)
         if sum(counts) != num_images:
             raise ValueError(
-                f"the text holds {sum(counts)} image placeholders ({self.image_token}) but {num_images} images were given"
+                f"the text holds {sum(counts)} image placeholders ({self.image_token}) "
+                f"but {num_images} images were given"
             )
         expanded, image_iter = [], iter(range(num_images))
         for text in texts:
