@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, Qwen2Model
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
@@ -330,12 +330,19 @@ class Tuna2FlowHeadAttention(nn.Module):
         self.k_norm = Qwen2RMSNorm(self.head_dim, eps=config.flow_head_qk_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, rotary: Tuna2FlowHeadRotary, attention_mask: torch.Tensor | None, **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        rotary: Tuna2FlowHeadRotary,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = rotary.apply(self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2))
         key = rotary.apply(self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2))
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -379,6 +386,7 @@ class Tuna2FlowHeadBlock(GradientCheckpointingLayer):
         image_index: torch.LongTensor,
         rotary: Tuna2FlowHeadRotary,
         attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         params = self.adaLN_modulation(time_embeds).unflatten(-1, (6, -1))
@@ -388,7 +396,8 @@ class Tuna2FlowHeadBlock(GradientCheckpointingLayer):
             params, neutral, image_index
         )
         attn_input = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
-        hidden_states = hidden_states + gate_msa * self.self_attn(attn_input, rotary, attention_mask, **kwargs)
+        attn_output = self.self_attn(attn_input, rotary, attention_mask, past_key_values, **kwargs)
+        hidden_states = hidden_states + gate_msa * attn_output
         mlp_input = modulate(self.post_attention_layernorm(hidden_states), shift_mlp, scale_mlp)
         return hidden_states + gate_mlp * self.mlp(mlp_input)
 
@@ -426,6 +435,7 @@ class Tuna2FlowHead(nn.Module):
         grid_widths: torch.LongTensor,
         position_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
@@ -433,13 +443,16 @@ class Tuna2FlowHead(nn.Module):
             hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`): the LLM's final (normed)
                 hidden states.
             time_embeds (`torch.Tensor` of shape `(num_images, hidden_size)`): the adaLN conditioning of each image.
+            past_key_values (`Cache`, *optional*): keys and values of earlier positions, extended in place.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, seq_len, patch_size**2 * num_channels)`.
         """
         rotary = self.rotary_emb(hidden_states.dtype, position_ids, spans, grid_widths)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, time_embeds, spans.image_index, rotary, attention_mask, **kwargs)
+            hidden_states = layer(
+                hidden_states, time_embeds, spans.image_index, rotary, attention_mask, past_key_values, **kwargs
+            )
         return self.final_layer(hidden_states, time_embeds, spans.image_index)
 
 
@@ -616,14 +629,18 @@ class Tuna2Model(Tuna2PreTrainedModel):
     ) -> dict[str, torch.Tensor | None]:
         """Causal attention, bidirectional inside each image span (time slot and patches, not the boi/eoi tokens),
         with the padding of `attention_mask`. Shared by the language model and the flow head."""
-        has_spans = spans is not None and spans.num_images > 0
+        block_sequence_ids = None
+        if spans is not None and spans.num_images > 0:
+            # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            block_sequence_ids = nn.functional.pad(spans.image_index, (past_length, 0), value=-1)
         mask = create_causal_mask(
             config=self.config.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             position_ids=position_ids,
-            block_sequence_ids=spans.image_index if has_spans else None,
+            block_sequence_ids=block_sequence_ids,
         )
         return {"full_attention": mask}
 
@@ -787,57 +804,41 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | list[torch.Tensor],
         timesteps: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        prefix_cache: "Tuna2PrefixCache | None" = None,
         return_logits: bool = False,
         **kwargs,
     ) -> Tuna2FlowOutput:
         r"""
-        Runs the language model and the flow head over whole sequences and returns the x0 prediction of every image
-        span (the time slot dropped, the patches un-patchified with `config.output_layout`).
+        Runs the language model and the flow head and returns the x0 prediction of every image span of `input_ids`
+        (the time slot dropped, the patches un-patchified with `config.output_layout`).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Token ids with one image span per image.
+                Token ids with one image span per image (after the prefix, when `prefix_cache` is given).
             pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)` or a list of `(3, height, width)`
                 tensors):
                 The current state of each image: noisy `z_t` for images being generated, clean for conditions.
             timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
                 Flow time of each image (t=1 clean, the default).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Padding mask.
+                Padding mask of `input_ids`.
+            prefix_cache ([`Tuna2PrefixCache`], *optional*):
+                From [`~Tuna2ForConditionalGeneration.encode_prefix`]: `input_ids` continue that prefix, which is
+                not recomputed. The cache is left as it was.
             return_logits (`bool`, defaults to `False`):
-                Also return the language-model logits.
+                Also return the language-model logits of `input_ids`.
 
         Returns:
             [`Tuna2FlowOutput`] with `x0` of shape `(num_images, 3, height, width)` (a list if sizes differ).
         """
-        images = make_image_list(pixel_values)
-        grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
-        # The mask builder reads only the batch size, length, dtype and device of its embeddings argument.
-        shape_only = torch.empty((*input_ids.shape, 0), dtype=self.dtype, device=input_ids.device)
-        if position_ids is None:
-            position_ids = Tuna2Model.default_position_ids(shape_only, attention_mask, 0)
-        spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id)
-        mask = self.model.create_attention_mask(shape_only, attention_mask, None, position_ids, spans)
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            timesteps=timesteps,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        )
-        grid_widths = torch.tensor([w for _, w in grids], device=input_ids.device)
-        head_output = self.flow_head(
-            outputs.last_hidden_state,
-            outputs.time_embeds,
-            spans,
-            grid_widths,
-            position_ids,
-            mask["full_attention"],
-            **kwargs,
-        )
+        grids = check_image_sizes(make_image_list(pixel_values), self.config.patch_size, self.config.num_channels)
+        try:
+            hidden_states, head_output, spans = self._run_flow_head(
+                input_ids, pixel_values, timesteps, attention_mask, prefix_cache, **kwargs
+            )
+        finally:
+            if prefix_cache is not None:
+                prefix_cache.rewind()
         patch_outputs = head_output[spans.is_patch].split([h * w for h, w in grids])
         x0 = [
             unpatchify(tokens, grid, self.config.patch_size, self.config.output_layout)
@@ -845,8 +846,119 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         ]
         if len(set(grids)) == 1:
             x0 = torch.stack(x0)
-        logits = self.lm_head(outputs.last_hidden_state) if return_logits else None
+        logits = self.lm_head(hidden_states) if return_logits else None
         return Tuna2FlowOutput(x0=x0, logits=logits)
 
+    def encode_prefix(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> "Tuna2PrefixCache":
+        r"""
+        Runs the language model and the flow head over a prefix that stays fixed while an image is denoised (the
+        prompt, and the clean source image when editing), and keeps the keys and values of both.
 
-__all__ = ["Tuna2PreTrainedModel", "Tuna2Model", "Tuna2ForConditionalGeneration"]
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, prefix_length)`): left-padded prefix ids.
+            attention_mask (`torch.Tensor` of shape `(batch_size, prefix_length)`, *optional*): its padding mask.
+            pixel_values, timesteps: images of the prefix's spans, if any (t=1 by default).
+
+        Returns:
+            [`Tuna2PrefixCache`] to pass to [`~Tuna2ForConditionalGeneration.predict_x0`].
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix_cache = Tuna2PrefixCache(
+            language_model=DynamicCache(config=self.config.text_config),
+            flow_head=DynamicCache(),
+            attention_mask=attention_mask[:, :0],
+        )
+        self._run_flow_head(input_ids, pixel_values, timesteps, attention_mask, prefix_cache)
+        prefix_cache.attention_mask = attention_mask
+        return prefix_cache
+
+    def _run_flow_head(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None,
+        timesteps: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        prefix_cache: "Tuna2PrefixCache | None",
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, Tuna2ImageSpans]:
+        """The language model then the flow head over `input_ids`, after the cached prefix if any. Returns the LLM's
+        final hidden states, the flow head's per-token outputs `(B, L, p*p*C)` and the spans of `input_ids`."""
+        past_length = prefix_cache.length if prefix_cache is not None else 0
+        if prefix_cache is not None:
+            current_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            attention_mask = torch.cat([prefix_cache.attention_mask, current_mask.to(prefix_cache.attention_mask)], 1)
+        # The mask builder reads only the batch size, length, dtype and device of its embeddings argument.
+        shape_only = torch.empty((*input_ids.shape, 0), dtype=self.dtype, device=input_ids.device)
+        position_ids = Tuna2Model.default_position_ids(shape_only, attention_mask, past_length)
+        spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id)
+        llm_cache = prefix_cache.language_model if prefix_cache is not None else None
+        mask = self.model.create_attention_mask(shape_only, attention_mask, llm_cache, position_ids, spans)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            timesteps=timesteps,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=llm_cache,
+            use_cache=prefix_cache is not None,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if outputs.time_embeds is not None:
+            time_embeds = outputs.time_embeds
+            grid_widths = torch.tensor(
+                [image.shape[-1] // self.config.patch_size for image in make_image_list(pixel_values)],
+                device=input_ids.device,
+            )
+        else:
+            time_embeds = hidden_states.new_zeros(0, hidden_states.shape[-1])
+            grid_widths = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        head_output = self.flow_head(
+            hidden_states,
+            time_embeds,
+            spans,
+            grid_widths,
+            position_ids,
+            mask["full_attention"],
+            past_key_values=prefix_cache.flow_head if prefix_cache is not None else None,
+            **kwargs,
+        )
+        return hidden_states, head_output, spans
+
+
+@dataclass
+class Tuna2PrefixCache:
+    """Keys and values of a fixed prefix, in the language model and in the flow head, so that each denoising step
+    runs only the image span. [`~Tuna2ForConditionalGeneration.predict_x0`] extends both caches and then rewinds
+    them to the prefix.
+
+    Attributes:
+        language_model (`DynamicCache`): the language model's cache.
+        flow_head (`DynamicCache`): the flow head's cache.
+        attention_mask (`torch.LongTensor` of shape `(batch_size, prefix_length)`): the prefix's padding mask.
+    """
+
+    language_model: DynamicCache
+    flow_head: DynamicCache
+    attention_mask: torch.LongTensor
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def rewind(self):
+        """Drops whatever was appended after the prefix."""
+        for cache in (self.language_model, self.flow_head):
+            extra = cache.get_seq_length() - self.length
+            if extra > 0:
+                cache.crop(-extra)
+
+
+__all__ = ["Tuna2PreTrainedModel", "Tuna2Model", "Tuna2ForConditionalGeneration", "Tuna2PrefixCache"]
