@@ -58,7 +58,7 @@ def tiny_config(tokenizer, **kwargs) -> Tuna2Config:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,

@@ -1,11 +1,15 @@
 """Tuna-2 processor: the Qwen2 tokenizer and the image processor. It owns the sequence layout: each image becomes
 `<|vision_start|>` + one `<|image_pad|>` per span slot (1 time slot + one per patch) + `<|vision_end|>`."""
 
+import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.utils import logging
 
 from .image_processing_tuna2 import flatten_images
 
+
+logger = logging.get_logger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 # Qwen2.5's template with image content items. Content items are joined with a newline, so that an image followed
@@ -29,6 +33,19 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+
+
+def official_text_budget(num_span_slots: int, editing: bool) -> int | None:
+    """Token budget of a generation prompt in the official pipelines (which pad to fixed lengths): text-to-image uses
+    2048 or 5120 positions, whichever is closer to `h*w + 1024`, minus the span and 4 special tokens; editing uses
+    4096 minus two spans and 6 special tokens. None where that budget is not positive (no truncation)."""
+    if editing:
+        budget = 4096 - 2 * num_span_slots - 6
+    else:
+        patches = num_span_slots - 1
+        max_seq_len = 2048 if abs(patches + 1024 - 2048) < abs(patches + 1024 - 5120) else 5120
+        budget = max_seq_len - num_span_slots - 4
+    return budget if budget > 0 else None
 
 
 class Tuna2ProcessorKwargs(ProcessingKwargs, total=False):
@@ -83,6 +100,55 @@ class Tuna2Processor(ProcessorMixin):
                 out += self.image_token * self.num_span_slots(height, width) + piece
             expanded.append(out)
         return expanded
+
+    def generation_inputs(
+        self,
+        prompts: list[str],
+        height: int,
+        width: int,
+        source_images: list | None = None,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """
+        The official generation layout (no chat template), one image to generate per prompt, split where the
+        generated image starts so that the prefix can be cached:
+
+        - text-to-image: `<|im_start|> prompt <|vision_start|>` + span + `<|vision_end|><|im_end|>`;
+        - editing: `<|im_start|><|vision_start|>` source span `<|vision_end|> instruction <|vision_start|>` + span +
+          `<|vision_end|><|im_end|>`, the source resized to cover `height x width` and center-cropped.
+
+        Prompts are tokenized without special tokens and cut to the official budget ([`official_text_budget`]).
+
+        Returns:
+            [`BatchFeature`] with `input_ids` and `attention_mask` of the left-padded prefixes, `span_ids`
+            `(batch_size, 1 + num_patches)` (the generated image's span), `suffix_ids` `(batch_size, 2)` and, for
+            editing, the sources' `pixel_values`.
+        """
+        num_slots = self.num_span_slots(height, width)
+        budget = official_text_budget(num_slots, editing=source_images is not None)
+        text_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        if budget is not None and any(len(ids) > budget for ids in text_ids):
+            logger.warning(f"prompts longer than {budget} tokens are truncated, as the official pipeline does")
+            text_ids = [ids[:budget] for ids in text_ids]
+        start, end = self.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+        boi, eoi = self.vision_start_token_id, self.vision_end_token_id
+        data = {}
+        if source_images is None:
+            prefixes = [[start, *ids, boi] for ids in text_ids]
+        else:
+            pixel_values = self.image_processor(
+                source_images, size={"height": height, "width": width}, resize_mode="center_crop"
+            )["pixel_values"]
+            if len(pixel_values) != len(prompts):
+                raise ValueError(f"got {len(pixel_values)} source images for {len(prompts)} instructions")
+            data["pixel_values"] = pixel_values
+            source_span = [self.image_token_id] * num_slots
+            prefixes = [[start, boi, *source_span, eoi, *ids, boi] for ids in text_ids]
+        padded = self.tokenizer.pad({"input_ids": prefixes}, padding=True, padding_side="left", return_tensors="pt")
+        data["input_ids"], data["attention_mask"] = padded["input_ids"], padded["attention_mask"]
+        data["span_ids"] = torch.full((len(prompts), num_slots), self.image_token_id)
+        data["suffix_ids"] = torch.tensor([[eoi, end]] * len(prompts))
+        return BatchFeature(data, skip_tensor_conversion=["pixel_values"])
 
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         """

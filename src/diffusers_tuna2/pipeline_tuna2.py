@@ -1,0 +1,410 @@
+"""Tuna2Pipeline: text-to-image generation and image editing with Tuna-2, on the weights of the transformers model.
+
+Sampling follows the official JiT sampler (t=1 is clean): `z_0 = noise_scale * eps`, the linear grid
+`t_i = i / num_inference_steps`, the model's x0 prediction guided on x0 and turned into the velocity
+`v = (x0 - z) / max(1 - t, t_eps)`, Euler steps, and the final state (not the last x0) as the image.
+"""
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
+from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
+
+
+logger = logging.get_logger(__name__)
+
+# The official default negative prompts (configs/predict/t2i.yaml and configs/predict/edit.yaml).
+DEFAULT_NEGATIVE_PROMPT = (
+    "ugly, oversaturated, distorted, deformed, disfigured, low quality, worst quality, blurry, noisy, unrealistic, "
+    "pixelated, overexposed, harsh shadows, washed out, dull colors, unnatural contrast, bad lighting, uneven "
+    "lighting, unnatural reflections, color banding, unrealistic textures, poor shading, fake details, plastic skin, "
+    "waxy skin, unrealistic skin tone, color bleeding, jpeg artifacts, watermark, frame border, compression "
+    "artifacts, low-res, low resolution, poor composition, off-centered, messy background, cluttered, cropped head, "
+    "cut-off body, wrong perspective, out of frame, bad framing, tilted horizon, unnatural pose, broken limbs, bad "
+    "anatomy, bad proportions, extra limbs, missing limbs, fused fingers, extra fingers, twisted arms, stiff pose, "
+    "awkward expression, asymmetrical eyes, mismatched eyes, lopsided face, disfigured mouth, bad hands, poorly "
+    "drawn hands, poorly drawn face, uncanny face, creepy smile, unnatural gaze, doll-like face, distorted face, "
+    "mutated body, duplicated parts, multiple heads, extra body parts, text artifacts, signature, logo, cartoonish, "
+    "3d render, cgi, unreal engine, low depth, flat lighting, wrong focus, out of focus, motion blur, vignette, HDR "
+    "effect, oversharpened, bad exposure, grainy, bad color balance, unrealistic highlights, poor white balance, low "
+    "dynamic range"
+)
+DEFAULT_EDIT_NEGATIVE_PROMPT = (
+    "identity changed, different person, face altered, different facial features, lost subject, missing subject, "
+    "replaced subject, drastic pose change, broken anatomy, extra limbs, missing limbs, distorted body, deformed "
+    "face, hallucinated details, removed subject details, inconsistent lighting, mismatched style, oversaturated "
+    "edit, unintended color shift, blurry, watermark, jpeg artifacts, text artifacts, low quality, worst quality, "
+    "bad composition"
+)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MODEL_INDEX = "model_index.json"
+
+
+class Tuna2Pipeline(DiffusionPipeline):
+    r"""
+    Text-to-image generation and image editing with Tuna-2.
+
+    Args:
+        model ([`Tuna2ForConditionalGeneration`]): the Tuna-2 model (shared with understanding; not copied).
+        processor ([`Tuna2Processor`]): owns the sequence layout.
+        scheduler ([`SchedulerMixin`], *optional*): a flow-matching scheduler working in sigma = 1 - t;
+            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler.
+    """
+
+    model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        model: Tuna2ForConditionalGeneration,
+        processor: Tuna2Processor,
+        scheduler: SchedulerMixin | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            model=model, processor=processor, scheduler=scheduler or FlowMatchEulerDiscreteScheduler()
+        )
+
+    # ------------------------------------------------------------------------------------------------ saving/loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "Tuna2Pipeline":
+        """Loads the folder that `AutoModelForImageTextToText` loads: the model and processor from its root, the
+        scheduler from `scheduler/` (the default one when absent). A hub id is downloaded first. `dtype` (or
+        `torch_dtype`) and the other keyword arguments go to the model's `from_pretrained`."""
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            path = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        scheduler = kwargs.pop("scheduler", None)
+        model = Tuna2ForConditionalGeneration.from_pretrained(path, **kwargs)
+        processor = Tuna2Processor.from_pretrained(path)
+        if scheduler is None and (path / "scheduler").is_dir():
+            library, class_name = json.loads((path / MODEL_INDEX).read_text())["scheduler"]
+            scheduler_class = getattr(__import__(library, fromlist=[class_name]), class_name)
+            scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
+        return cls(model=model, processor=processor, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
+        root, the scheduler in `scheduler/`, and `model_index.json`."""
+        save_directory = Path(save_directory)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+        self.scheduler.save_pretrained(save_directory / "scheduler")
+        index = {key: list(value) if isinstance(value, tuple) else value for key, value in self.config.items()}
+        (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        image,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        generator,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if len(prompts) == 0:
+            raise ValueError("`prompt` is an empty list")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
+        if image is not None:
+            images = image if isinstance(image, list) else [image]
+            for item in images:
+                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                    raise ValueError(
+                        f"`image` must be a PIL image, a numpy array or a tensor (or a list of them), "
+                        f"got {type(item).__name__}"
+                    )
+            if len(images) not in (1, len(prompts)):
+                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+        patch_size = self.model.config.patch_size
+        if height <= 0 or width <= 0 or height % patch_size or width % patch_size:
+            raise ValueError(
+                f"height and width must be positive multiples of the patch size {patch_size}, got {height}x{width}"
+            )
+        slots = self.processor.num_span_slots(height, width)
+        needed = slots * (2 if image is not None else 1) + 6
+        max_positions = self.model.config.text_config.max_position_embeddings
+        if needed > max_positions:
+            raise ValueError(
+                f"a {height}x{width} image needs at least {needed} positions, past the model's "
+                f"max_position_embeddings ({max_positions})"
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}")
+        total = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {unknown}")
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        height: int,
+        width: int,
+        images: list | None,
+        device: torch.device,
+        use_prefix_cache: bool,
+    ) -> dict:
+        """Tokenizes the conditional (then negative) sequences. With `use_prefix_cache`, the fixed prefix (prompt,
+        and source image when editing) runs once through the model and its keys and values are kept; every denoising
+        step then feeds only the span of the image being generated."""
+        texts = prompts + (negative_prompts or [])
+        sources = (images * (2 if negative_prompts else 1)) if images is not None else None
+        inputs = self.processor.generation_inputs(texts, height, width, source_images=sources)
+        source_pixels = inputs["pixel_values"].to(device) if sources is not None else None
+        prefix_ids, prefix_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+        span_ids = inputs["span_ids"].to(device)
+        if use_prefix_cache:
+            ones = torch.ones(len(texts), device=device) if sources is not None else None
+            prefix_cache = self.model.encode_prefix(
+                prefix_ids, prefix_mask, pixel_values=source_pixels, timesteps=ones
+            )
+            return {"input_ids": span_ids, "attention_mask": None, "prefix_cache": prefix_cache, "sources": None}
+        input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"].to(device)], dim=1)
+        attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prefix_cache": None,
+            "sources": source_pixels,
+        }
+
+    def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
+        """`z = noise_scale * eps`, eps drawn image by image in fp32 (on the generator's device, the CPU by
+        default, as the official sampler), so that an image's noise does not depend on the rest of the batch."""
+        shape = (num_images, self.model.config.num_channels, height, width)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}")
+            return latents.to(device=device, dtype=dtype)
+        generators = generator if isinstance(generator, list) else [generator] * num_images
+        eps = torch.cat(
+            [
+                randn_tensor((1, *shape[1:]), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+                for g in generators
+            ]
+        )
+        return (self.model.config.noise_scale * eps).to(device=device, dtype=dtype)
+
+    def predict_x0(self, latents: torch.Tensor, t: torch.Tensor, encoded: dict) -> torch.Tensor:
+        """x0 of every image being generated, guided when classifier-free guidance is on."""
+        states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+        times = t.expand(states.shape[0])
+        if encoded["sources"] is not None:  # full recompute of an edit: each row holds (source, target)
+            pixel_values = torch.stack([encoded["sources"].to(states.dtype), states], dim=1).flatten(0, 1)
+            timesteps = torch.stack([torch.ones_like(times), times], dim=1).flatten()
+        else:
+            pixel_values, timesteps = states, times
+        x0 = self.model.predict_x0(
+            encoded["input_ids"],
+            pixel_values,
+            timesteps,
+            attention_mask=encoded["attention_mask"],
+            prefix_cache=encoded["prefix_cache"],
+        ).x0
+        if encoded["sources"] is not None:
+            x0 = x0[1::2]
+        if not self.do_classifier_free_guidance:
+            return x0
+        x0_cond, x0_uncond = x0.chunk(2)
+        low, high = self._cfg_interval
+        in_interval = t < high and (low == 0 or t > low)
+        return guided_x0(x0_cond, x0_uncond, self.guidance_scale if in_interval else 1.0)
+
+    def set_timesteps(self, num_inference_steps: int, dtype: torch.dtype, device: torch.device):
+        """The official grid when the scheduler takes custom sigmas (sigma = 1 - t), else the scheduler's own."""
+        if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            sigmas = 1 - timestep_grid(num_inference_steps, dtype)[:-1].float()
+            self.scheduler.set_timesteps(sigmas=sigmas.tolist(), device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    # ------------------------------------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image=None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float | None = None,
+        cfg_interval: tuple[float, float] = (0.0, 1.0),
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        use_prefix_cache: bool = True,
+    ):
+        r"""
+        Args:
+            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed.
+            image (PIL image, `np.ndarray`, `torch.Tensor` or a list, *optional*): image(s) to edit (one for all
+                prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or float in [0, 1].
+                Each is resized to cover `height x width` and center-cropped, and enters clean (t=1).
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch; defaults to the official
+                negative prompt of text-to-image or of editing. `""` gives the empty unconditional prompt.
+            height, width (`int`, defaults to 512): any multiples of the patch size (buckets: 512x512, 448x576, ...).
+            num_inference_steps (`int`, defaults to 50): Euler steps.
+            guidance_scale (`float`, *optional*): CFG on x0; 3.0 for text-to-image and 2.0 for editing by default,
+                1.0 turns it off.
+            cfg_interval (`tuple[float, float]`, defaults to `(0.0, 1.0)`): CFG applies when
+                `t < high and (low == 0 or t > low)` (official rule); elsewhere the conditional x0 is used.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            generator (`torch.Generator` or a list, one per image): seeds the initial noise.
+            latents (`torch.Tensor`, *optional*): initial state `z_0` of shape `(num_images, 3, height, width)`.
+            output_type (`str`, defaults to `"pil"`): `"pil"` or `"np"` (uint8 with the official conversion
+                `uint8(clamp((z + 1) / 2, 0, 1) * 255)`), `"pt"` (float `(N, 3, H, W)` in [0, 1]), `"latent"` (the
+                final state z in [-1, 1] pixel space).
+            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, callback_kwargs)` after
+                each step; it may return `{"latents": ...}` to replace the state.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
+            use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
+                span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
+        """
+        editing = image is not None
+        if guidance_scale is None:
+            guidance_scale = 2.0 if editing else 3.0
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            image,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._cfg_interval = cfg_interval
+        self._interrupt = False
+        device = self._execution_device
+        dtype = self.model.dtype
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negative_prompt = DEFAULT_EDIT_NEGATIVE_PROMPT if editing else DEFAULT_NEGATIVE_PROMPT
+        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        images = None
+        if editing:
+            images = image if isinstance(image, list) else [image]
+            images = images * len(prompts) if len(images) == 1 else images
+            images = [item for item in images for _ in range(num_images_per_prompt)]
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
+
+        self._onload_model()
+        encoded = self.encode_prompt(
+            prompts,
+            negative_prompts if self.do_classifier_free_guidance else None,
+            height,
+            width,
+            images,
+            device,
+            use_prefix_cache,
+        )
+        latents = self.prepare_latents(len(prompts), height, width, dtype, device, generator, latents)
+        timesteps = self.set_timesteps(num_inference_steps, dtype, device)
+        self._num_timesteps = len(timesteps)
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, timestep in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                t = 1 - timestep.float() / num_train_timesteps
+                x0 = self.predict_x0(latents, t, encoded)
+                # The scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v.
+                model_output = -velocity(x0, latents, t, self.model.config.t_eps)
+                latents = self.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            output = latents
+        elif output_type == "pt":
+            output = ((latents.float() + 1) / 2).clamp(0, 1)
+        else:
+            output = self.processor.image_processor.postprocess(latents, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (output,)
+        return ImagePipelineOutput(images=output)
+
+    def _onload_model(self):
+        """With `enable_model_cpu_offload()`, the offload hook wraps `forward` only; the pipeline calls other methods
+        of the model, so it moves the model to the execution device itself (as diffusers' `apply_forward_hook`)."""
+        hook = getattr(self.model, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.model)
+
+
+__all__ = ["Tuna2Pipeline"]
