@@ -2,5 +2,4 @@
 
 from .pipeline_tuna2 import DEFAULT_EDIT_NEGATIVE_PROMPT, DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline
 
-
 __all__ = ["DEFAULT_EDIT_NEGATIVE_PROMPT", "DEFAULT_NEGATIVE_PROMPT", "Tuna2Pipeline"]

@@ -24,7 +24,6 @@ from huggingface_hub import snapshot_download
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
 
-
 logger = logging.get_logger(__name__)
 
 # The official default negative prompts (configs/predict/t2i.yaml and configs/predict/edit.yaml).
@@ -107,8 +106,7 @@ class Tuna2Pipeline(DiffusionPipeline):
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
         self.scheduler.save_pretrained(save_directory / "scheduler")
-        index = {key: list(value) if isinstance(value, tuple) else value for key, value in self.config.items()}
-        (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self.to_json_file(save_directory / MODEL_INDEX)
 
     # ------------------------------------------------------------------------------------------------ properties
 
@@ -383,7 +381,9 @@ class Tuna2Pipeline(DiffusionPipeline):
                 model_output = -velocity(x0, latents, t, self.model.config.t_eps)
                 latents = self.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
                     callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()

@@ -8,7 +8,6 @@ from transformers.utils import logging
 
 from .image_processing_tuna2 import flatten_images
 
-
 logger = logging.get_logger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
