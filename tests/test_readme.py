@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import PIL.Image
+import torch
 
 from tiny import build_processor, tiny_model
 
@@ -46,3 +47,14 @@ def test_chat_example_script(tmp_path, tokenizer):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.endswith("\n")  # the decoded answer (random weights: any text) was printed
+
+
+def test_readme_pipeline_example_runs(tmp_path, tokenizer):
+    from diffusers_tuna2 import Tuna2Pipeline
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(block for block in blocks if "Tuna2Pipeline.from_pretrained" in block)
+    Tuna2Pipeline(model=tiny_model(tokenizer), processor=build_processor(tokenizer)).save_pretrained(tmp_path)
+    namespace = {"path": str(tmp_path), "dtype": torch.float32, "device": "cpu"}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["image"].size == (512, 512) and namespace["edited"].size == (512, 512)
