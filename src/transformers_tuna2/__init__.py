@@ -10,7 +10,13 @@ from transformers import (
 
 from .configuration_tuna2 import Tuna2Config
 from .image_processing_tuna2 import Tuna2ImageProcessor
-from .modeling_tuna2 import Tuna2ForConditionalGeneration, Tuna2Model, Tuna2PreTrainedModel
+from .modeling_tuna2 import (
+    Tuna2ForConditionalGeneration,
+    Tuna2ImageRole,
+    Tuna2Model,
+    Tuna2PrefixCache,
+    Tuna2PreTrainedModel,
+)
 from .processing_tuna2 import Tuna2Processor
 
 AutoConfig.register("tuna2", Tuna2Config, exist_ok=True)
@@ -31,7 +37,9 @@ __all__ = [
     "Tuna2Config",
     "Tuna2ForConditionalGeneration",
     "Tuna2ImageProcessor",
+    "Tuna2ImageRole",
     "Tuna2Model",
+    "Tuna2PrefixCache",
     "Tuna2PreTrainedModel",
     "Tuna2Processor",
 ]

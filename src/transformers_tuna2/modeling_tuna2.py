@@ -11,6 +11,7 @@ Flow-matching convention used throughout: t=1 is the clean image, t=0 is pure no
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 from torch import nn
@@ -25,10 +26,19 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
 
 from .configuration_tuna2 import Tuna2Config
+from .flow_matching import noisy_image, sample_training_t, v_loss_weight
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image spans
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class Tuna2ImageRole(IntEnum):
+    """What an image of a training batch is for."""
+
+    CONDITION = 0  # clean input (an edit source): t = 1
+    UNDERSTANDING = 1  # image to answer about: t = 1, lightly noised in training with `understanding_noise_prob`
+    TARGET = 2  # image to generate: noised at a logit-normal t and supervised by the flow loss
 
 
 @dataclass
@@ -86,6 +96,11 @@ def make_image_list(pixel_values: torch.Tensor | list[torch.Tensor]) -> list[tor
         if not isinstance(image, torch.Tensor) or image.ndim != 3:
             raise ValueError("pixel_values given as a list must hold (channels, height, width) tensors")
     return images
+
+
+def stack_if_same_size(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One `(n, C, H, W)` tensor when all images share a size, else the list."""
+    return torch.stack(images) if len({tuple(image.shape) for image in images}) == 1 else images
 
 
 def check_image_sizes(images: list[torch.Tensor], patch_size: int, num_channels: int) -> list[tuple[int, int]]:
@@ -487,7 +502,7 @@ class Tuna2ModelOutputWithPast(ModelOutput):
 class Tuna2CausalLMOutputWithPast(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
-        Next-token prediction loss, when `labels` are given.
+        `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss`, when `labels` or target images are given.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Language-model logits.
     past_key_values (`Cache`, *optional*):
@@ -496,6 +511,10 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
         Hidden states of every language-model layer, when asked for.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Attention weights of every language-model layer, when asked for.
+    lm_loss (`torch.FloatTensor`, *optional*):
+        Next-token cross-entropy over the labels that are not -100 (0 when there are none).
+    flow_loss (`torch.FloatTensor`, *optional*):
+        Weighted x0 error over the patch elements of the target images (0 when there are none).
     """
 
     loss: torch.FloatTensor | None = None
@@ -503,6 +522,8 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    lm_loss: torch.FloatTensor | None = None
+    flow_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -599,8 +620,23 @@ class Tuna2Model(Tuna2PreTrainedModel):
             patch_embeds = list(self.patch_embed(pixel_values.to(device)).unbind(0))
         else:
             patch_embeds = [self.patch_embed(image[None].to(device))[0] for image in images]
+        if self.training and self.mask_token is not None:
+            patch_embeds = [self.mask_patches(embeds) for embeds in patch_embeds]
         span_embeds = [torch.cat([time[None], patches]) for time, patches in zip(time_embeds, patch_embeds)]
         return span_embeds, time_embeds
+
+    def mask_patches(self, patch_embeds: torch.Tensor) -> torch.Tensor:
+        """Masked image modelling (training only): draws r ~ U(mask_ratio_min, mask_ratio_max) and replaces
+        int(N r) distinct patch embeddings, when positive, with the learned mask token."""
+        num_patches = patch_embeds.shape[0]
+        low, high = self.config.mask_ratio_min, self.config.mask_ratio_max
+        ratio = low + (high - low) * torch.rand(()).item()
+        num_masked = int(num_patches * ratio)
+        if num_masked <= 0:
+            return patch_embeds
+        masked = torch.zeros(num_patches, dtype=torch.bool, device=patch_embeds.device)
+        masked[torch.randperm(num_patches, device=patch_embeds.device)[:num_masked]] = True
+        return torch.where(masked[:, None], self.mask_token[0].to(patch_embeds.dtype), patch_embeds)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, span_embeds: list[torch.Tensor]
@@ -749,6 +785,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         timesteps: torch.Tensor | None = None,
+        image_roles: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -756,6 +793,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> Tuna2CausalLMOutputWithPast:
         r"""
@@ -765,12 +803,24 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             tensors, *optional*):
             The images of the spans in [-1, 1], sample-major.
         timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
-            Flow time of each image (t=1 clean, the default).
+            Flow time of each image (t=1 clean, the default). With `image_roles`, it replaces the sampled times.
+        image_roles (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+            [`Tuna2ImageRole`] of each image, for training on generation: `TARGET` images are noised to
+            `z_t = t x + (1 - t) noise_scale eps` with `t = sigmoid(N(P_mean, P_std))` and supervised by the flow loss;
+            in training mode `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets, -100 where ignored. The model shifts them.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits for the last `logits_to_keep` positions only (0: all).
+        num_items_in_batch (`int`, *optional*):
+            Label count over the whole (accumulated) batch, to normalise the next-token loss.
         """
+        if image_roles is not None:
+            if pixel_values is None or input_ids is None:
+                raise ValueError("image_roles need input_ids and pixel_values")
+            return self.forward_with_flow_loss(
+                input_ids, pixel_values, image_roles, attention_mask, labels, timesteps, num_items_in_batch
+            )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -785,18 +835,91 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
+        loss = lm_loss = flow_loss = None
         if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+            lm_loss = self.next_token_loss(logits, labels, num_items_in_batch)
+            flow_loss = torch.zeros((), device=lm_loss.device)
+            loss = self.config.lm_loss_weight * lm_loss
         return Tuna2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            lm_loss=lm_loss,
+            flow_loss=flow_loss,
         )
+
+    def next_token_loss(self, logits, labels, num_items_in_batch=None) -> torch.Tensor:
+        """Cross-entropy of the shifted labels; 0 (not NaN) when every label is ignored, still attached to the graph
+        so that every rank runs the same backward."""
+        if (labels[:, 1:] != -100).any():
+            vocab_size = self.config.text_config.vocab_size
+            return self.loss_function(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch)
+        return logits.sum() * 0.0
+
+    def training_timesteps(self, image_roles: torch.LongTensor) -> torch.Tensor:
+        """t of each image: logit-normal for targets; 1 for conditions; 1, or with `understanding_noise_prob` in
+        training mode `1 - U(0, understanding_noise_level)`, for understanding images."""
+        config = self.config
+        t = torch.ones(image_roles.shape[0])
+        is_target = image_roles == Tuna2ImageRole.TARGET
+        t[is_target] = sample_training_t(int(is_target.sum()), config.P_mean, config.P_std)
+        if self.training:
+            is_understanding = image_roles == Tuna2ImageRole.UNDERSTANDING
+            noised = is_understanding & (torch.rand(image_roles.shape[0]) < config.understanding_noise_prob)
+            t[noised] = 1 - torch.rand(int(noised.sum())) * config.understanding_noise_level
+        return t
+
+    def forward_with_flow_loss(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | list[torch.Tensor],
+        image_roles: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> Tuna2CausalLMOutputWithPast:
+        """The training forward on a batch with images: noises the images by role, runs the language model and the
+        flow head once, and returns the next-token loss, the flow loss and their weighted sum."""
+        images = make_image_list(pixel_values)
+        grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
+        image_roles = torch.as_tensor(image_roles).reshape(-1).cpu()
+        if image_roles.shape[0] != len(images):
+            raise ValueError(f"got {image_roles.shape[0]} image roles for {len(images)} images")
+        t = self.training_timesteps(image_roles) if timesteps is None else torch.as_tensor(timesteps).reshape(-1)
+        t = t.to(device=self.device, dtype=torch.float32)
+        clean = [image.to(self.device, torch.float32) for image in images]
+        noised = [noisy_image(x, torch.randn_like(x), t[i], self.config.noise_scale) for i, x in enumerate(clean)]
+        targets = (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
+        if targets:
+            hidden_states, head_output, spans = self._run_flow_head(
+                input_ids, stack_if_same_size(noised), t, attention_mask, None
+            )
+        else:  # understanding only: the flow head has nothing to predict
+            hidden_states = self.model(
+                input_ids=input_ids,
+                pixel_values=stack_if_same_size(noised),
+                timesteps=t,
+                attention_mask=attention_mask,
+            ).last_hidden_state
+        logits = self.lm_head(hidden_states)
+        lm_loss = self.next_token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+
+        squared_error, num_elements = logits.new_zeros(()), 0
+        if targets:
+            patch_outputs = head_output[spans.is_patch].split([h * w for h, w in grids])
+        for i in targets:
+            target = patchify(clean[i], self.config.patch_size, self.config.output_layout)
+            error = (patch_outputs[i].float() - target) ** 2
+            squared_error = squared_error + v_loss_weight(t[i], self.config.t_eps) * error.sum()
+            num_elements += error.numel()
+        flow_loss = squared_error / max(num_elements, 1)
+        loss = self.config.flow_loss_weight * flow_loss
+        if lm_loss is not None:
+            loss = loss + self.config.lm_loss_weight * lm_loss
+        return Tuna2CausalLMOutputWithPast(loss=loss, logits=logits, lm_loss=lm_loss, flow_loss=flow_loss)
 
     def predict_x0(
         self,
@@ -844,9 +967,8 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             unpatchify(tokens, grid, self.config.patch_size, self.config.output_layout)
             for tokens, grid in zip(patch_outputs, grids)
         ]
-        if len(set(grids)) == 1:
-            x0 = torch.stack(x0)
         logits = self.lm_head(hidden_states) if return_logits else None
+        x0 = stack_if_same_size(x0)
         return Tuna2FlowOutput(x0=x0, logits=logits)
 
     def encode_prefix(
@@ -961,4 +1083,10 @@ class Tuna2PrefixCache:
                 cache.crop(-extra)
 
 
-__all__ = ["Tuna2PreTrainedModel", "Tuna2Model", "Tuna2ForConditionalGeneration", "Tuna2PrefixCache"]
+__all__ = [
+    "Tuna2PreTrainedModel",
+    "Tuna2Model",
+    "Tuna2ForConditionalGeneration",
+    "Tuna2PrefixCache",
+    "Tuna2ImageRole",
+]

@@ -149,6 +149,43 @@ class Tuna2Processor(ProcessorMixin):
         data["suffix_ids"] = torch.tensor([[eoi, end]] * len(prompts))
         return BatchFeature(data, skip_tensor_conversion=["pixel_values"])
 
+    def conversation_inputs(self, messages: list[dict], images: list | None = None) -> dict:
+        """
+        A chat for training on understanding, in the evaluation format (the chat template, images inside their user
+        turns), with labels on the assistant turns only: each assistant message's content and its `<|im_end|>`.
+
+        Args:
+            messages (`list[dict]`): chat messages (`role`, `content` as a string or a list of items); image items
+                are filled from `images` in order.
+            images (`list`, *optional*): the images of the image items.
+
+        Returns:
+            `dict` with `input_ids` and `labels` (lists of ints, -100 outside assistant turns) and `pixel_values`
+            (None without images).
+        """
+        if not any(message["role"] == "assistant" for message in messages):
+            raise ValueError("the conversation has no assistant turn, so there is nothing to learn from it")
+        pixel_values = self.image_processor(images)["pixel_values"] if images else None
+
+        def render(upto: int, add_generation_prompt: bool) -> str:
+            text = self.apply_chat_template(messages[:upto], add_generation_prompt=add_generation_prompt)
+            slots = text.count(self.image_token)
+            return self.expand_image_tokens([text], pixel_values[:slots] if slots else None)[0]
+
+        text = render(len(messages), add_generation_prompt=False)
+        answer_ranges = []
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(render(index, add_generation_prompt=True))
+                end = len(render(index + 1, add_generation_prompt=False)) - len("\n")  # content + <|im_end|>
+                answer_ranges.append((start, end))
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [
+            token if any(start <= first and last <= end for start, end in answer_ranges) else -100
+            for token, (first, last) in zip(encoding["input_ids"], encoding["offset_mapping"])
+        ]
+        return {"input_ids": encoding["input_ids"], "labels": labels, "pixel_values": pixel_values}
+
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         """
         Args:

@@ -1,0 +1,187 @@
+"""Fine-tune Tuna-2 (LoRA or full) on any mix of text-to-image, understanding, editing and text-only data with TRL.
+
+    python examples/sft.py --model ./tuna2-7b --data t2i=my_t2i.jsonl mmu=my_vqa.jsonl edit=my_edit.jsonl \\
+        --lora-r 16 --output ./tuna2-lora
+    accelerate launch --config_file examples/accelerate/fsdp.yaml examples/sft.py ... --no-lora
+
+Streams are the official jsonl formats (`t2i`, `mmu`, `edit`, `text`; image paths relative to the jsonl's folder or
+`--image-root`), or Hugging Face datasets with `messages` and `images` columns (`--hf-dataset`). Each training
+sample is drawn from a stream with the `--weights` probabilities (official defaults t2i 0.5, edit 0.2, mmu 0.2,
+text 0.1). With LoRA the output folder holds the adapter; with `--no-lora` it is a full checkpoint folder that
+`AutoModelForImageTextToText` and `Tuna2Pipeline` load.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+from trl import SFTConfig
+
+import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
+from transformers_tuna2.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
+from transformers_tuna2.training import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
+
+
+OFFICIAL_WEIGHTS = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}
+
+
+def key_values(pairs: list[str], option: str, convert=str) -> dict:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"error: {option} expects name=value pairs, got {pair!r}")
+        try:
+            result[key] = convert(value)
+        except ValueError:
+            raise SystemExit(f"error: {option}: {value!r} is not a valid value for {key}") from None
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Tuna-2 checkpoint folder or hub id")
+    parser.add_argument("--data", nargs="+", default=[], metavar="TASK=JSONL", help="t2i=, mmu=, edit=, text= streams")
+    parser.add_argument("--image-root", nargs="*", default=[], metavar="TASK=DIR", help="image folder per stream")
+    parser.add_argument("--hf-dataset", default=None, help="a datasets folder/hub id with messages + images columns")
+    parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--weights", nargs="*", default=[], metavar="TASK=W", help="stream sampling weights")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=None, help="defaults to 2 * r")
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lora-targets", choices=sorted(LORA_TARGETS), default="all")
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1, help="per device")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=2e-5)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--image-size", type=int, default=None, help="fixed size of generated images (else buckets)")
+    parser.add_argument("--resolution", choices=["512", "1024"], default="512", help="bucket class")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=500)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--skip-bad-samples", action="store_true", help="skip broken samples with a warning")
+    parser.add_argument("--report-to", default="none")
+    parser.add_argument("--loss-log", default=None, help="write every rank's logged losses to this json (per rank)")
+    return parser.parse_args(argv)
+
+
+def load_streams(args) -> dict:
+    files = key_values(args.data, "--data")
+    roots = key_values(args.image_root, "--image-root")
+    unknown = sorted((set(files) | set(roots)) - set(OFFICIAL_WEIGHTS))
+    if unknown:
+        raise SystemExit(f"error: unknown stream(s) {unknown}; use {sorted(OFFICIAL_WEIGHTS)}")
+    streams = {}
+    for task, path in files.items():
+        if not Path(path).is_file():
+            raise SystemExit(f"error: {task} data file not found: {path}")
+        streams[task] = read_jsonl(path, task, roots.get(task), skip_bad_samples=args.skip_bad_samples)
+    if args.hf_dataset:
+        import datasets
+
+        dataset = datasets.load_dataset(args.hf_dataset, split=args.hf_split)
+        for sample in read_hf_dataset(dataset, args.hf_dataset, skip_bad_samples=args.skip_bad_samples):
+            streams.setdefault(sample.task, []).append(sample)
+    if not streams:
+        raise SystemExit("error: no training data: pass --data and/or --hf-dataset")
+    return streams
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    set_seed(args.seed)
+    try:
+        streams = load_streams(args)
+    except Tuna2DataError as error:
+        raise SystemExit(f"error: {error}") from None
+    weights = {**OFFICIAL_WEIGHTS, **key_values(args.weights, "--weights", float)}
+    samples_needed = args.max_steps * args.batch_size * args.gradient_accumulation_steps
+    dataset = Tuna2MixtureDataset(
+        streams, weights, length=samples_needed, seed=args.seed, skip_bad_samples=args.skip_bad_samples
+    )
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(args.model)
+    peft_config = None
+    if not args.no_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha or 2 * args.lora_r,
+            lora_dropout=args.lora_dropout,
+            target_modules=lora_target_modules(args.lora_targets),
+        )
+
+    config = SFTConfig(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant_with_warmup",
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dataloader_num_workers=args.num_workers,
+        report_to=args.report_to,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        # Batches without a generated image leave the flow head out of the graph.
+        ddp_find_unused_parameters=True,
+        max_length=None,
+    )
+    trainer = Tuna2SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset.to_hf_dataset(),
+        data_collator=Tuna2Collator(processor, image_size=args.image_size, resolution=args.resolution),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    try:
+        trainer.train()
+    except Tuna2DataError as error:
+        raise SystemExit(f"error: {error}") from None
+
+    if args.loss_log:
+        losses = [entry for entry in trainer.state.log_history if "loss" in entry]
+        path = Path(f"{args.loss_log}.rank{trainer.accelerator.process_index}.json")
+        path.write_text(json.dumps(losses))
+    trainer.accelerator.wait_for_everyone()
+    save(trainer, processor, args)
+
+
+def save(trainer: Tuna2SFTTrainer, processor, args):
+    """LoRA: the adapter and the processor. Full fine-tuning: the shared checkpoint folder of both libraries."""
+    trainer.save_model(args.output)  # gathers FSDP shards when needed; with PEFT, writes the adapter only
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(args.output)
+        if args.no_lora:
+            from diffusers_tuna2 import Tuna2Pipeline
+
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            Tuna2Pipeline(model=model, processor=processor).save_scheduler_and_index(args.output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
