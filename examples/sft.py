@@ -143,6 +143,7 @@ def main(argv=None):
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=args.num_workers,
+        use_cpu=not torch.cuda.is_available(),
         report_to=args.report_to,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},

@@ -35,12 +35,19 @@ def write_dataset(root: Path, size: int = 32) -> dict[str, Path]:
     mmu = [
         {
             "image": f"{c}_{s}.png",
-            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": f"A {c} {s}."}],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": f"A {c} {s}."},
+            ],
         }
         for c, s in items
     ]
     edit = [
-        {"raw_image": f"{c}_{s}.png", "out_image": f"{items[(i + 1) % 4][0]}_{s2}.png", "instruction": f"make it {items[(i + 1) % 4][0]}"}
+        {
+            "raw_image": f"{c}_{s}.png",
+            "out_image": f"{items[(i + 1) % 4][0]}_{s2}.png",
+            "instruction": f"make it {items[(i + 1) % 4][0]}",
+        }
         for i, ((c, s), s2) in enumerate(zip(items, [items[(i + 1) % 4][1] for i in range(4)]))
     ]
     text = [
