@@ -6,18 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from training_data import write_dataset
 from trl import SFTConfig
 
 from diffusers_tuna2 import Tuna2Pipeline
-from tiny import build_processor, tiny_config, tiny_model
-from training_data import write_dataset
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageRole
 from transformers_tuna2.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_jsonl
 from transformers_tuna2.training import Tuna2SFTTrainer, lora_target_modules
+
+from tiny import build_processor, tiny_config, tiny_model
 
 ROOT = Path(__file__).parents[1]
 

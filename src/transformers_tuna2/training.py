@@ -7,7 +7,6 @@ everything else of TRL: logging (with `lm_loss` and `flow_loss`), checkpointing,
 
 from trl import SFTTrainer
 
-
 LLM_LINEAR = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 FLOW_HEAD_LINEAR = r"flow_head\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_TARGETS = {
