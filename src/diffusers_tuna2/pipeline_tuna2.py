@@ -105,8 +105,28 @@ class Tuna2Pipeline(DiffusionPipeline):
         save_directory = Path(save_directory)
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
+        self.save_scheduler_and_index(save_directory)
+
+    def save_scheduler_and_index(self, save_directory: str | os.PathLike):
+        """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`.
+        The checkpoint converters, which write the model files themselves, use it too."""
+        save_directory = Path(save_directory)
         self.scheduler.save_pretrained(save_directory / "scheduler")
         self.to_json_file(save_directory / MODEL_INDEX)
+
+    # ------------------------------------------------------------------------------------------------ LoRA
+
+    def load_lora_weights(
+        self, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default", **kwargs
+    ):
+        """Loads a LoRA adapter trained with `examples/sft.py` (PEFT format) into the model, through the model's PEFT
+        integration (`load_adapter`)."""
+        self.model.load_adapter(str(pretrained_model_name_or_path), adapter_name=adapter_name, **kwargs)
+
+    def unload_lora_weights(self):
+        """Removes every loaded adapter, restoring the base weights."""
+        for adapter_name in list(getattr(self.model, "peft_config", {})):
+            self.model.delete_adapter(adapter_name)
 
     # ------------------------------------------------------------------------------------------------ properties
 
