@@ -1,7 +1,6 @@
 """Tiny Tuna-2 models and tokenizers built on the spot, for tests and benchmarks (no download)."""
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from transformers_tuna2 import (
@@ -10,17 +9,7 @@ from transformers_tuna2 import (
     Tuna2ImageProcessor,
     Tuna2Processor,
 )
-
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+from transformers_tuna2.tokenization_utils import train_byte_level_tokenizer
 
 CORPUS = [
     "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
@@ -33,16 +22,7 @@ CORPUS = [
 
 def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences, with the Qwen special tokens after the learned vocabulary."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(CORPUS * 20, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    wrapped.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
-    return wrapped
+    return train_byte_level_tokenizer(CORPUS * 20, vocab_size)
 
 
 def build_processor(tokenizer=None, **image_processor_kwargs) -> Tuna2Processor:

@@ -1,0 +1,183 @@
+"""Synthetic shapes for the Tuna-2 demo: a seeded scene generator, the texts that go with a scene (captions, questions
+and answers, edit instructions), the held-out split, and a deterministic pixel analyser that reads a scene back from
+an image.
+
+Scenes are 64x64 images on a white background with one to three shapes (circle, square, triangle) in six colours at
+five positions (left, right, top, bottom, center), drawn 14-18 px wide with up to 1 px of jitter, so that shapes at
+different positions never overlap.
+"""
+
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+SIZE = 64
+BACKGROUND = (255, 255, 255)
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {"left": (12, 32), "right": (52, 32), "top": (32, 12), "bottom": (32, 52), "center": (32, 32)}
+COUNTS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    shape: str
+    position: str
+    size: int = 16
+    dx: int = 0
+    dy: int = 0
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        return (self.colour, self.shape, self.position)
+
+
+def where(position: str) -> str:
+    return "in the center" if position == "center" else f"on the {position}"
+
+
+def render(shapes: list[Shape]) -> PIL.Image.Image:
+    image = PIL.Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    pen = PIL.ImageDraw.Draw(image)
+    for item in shapes:
+        cx, cy = POSITIONS[item.position]
+        cx, cy, half = cx + item.dx, cy + item.dy, item.size / 2
+        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+        colour = COLOURS[item.colour]
+        if item.shape == "circle":
+            pen.ellipse(box, fill=colour)
+        elif item.shape == "square":
+            pen.rectangle(box, fill=colour)
+        else:
+            pen.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=colour)
+    return image
+
+
+def random_shape(rng: random.Random, triple: tuple[str, str, str]) -> Shape:
+    colour, shape, position = triple
+    return Shape(colour, shape, position, size=rng.randint(14, 18), dx=rng.randint(-1, 1), dy=rng.randint(-1, 1))
+
+
+def held_out_triples(seed: int = 0, count: int = 12) -> set[tuple[str, str, str]]:
+    """Colour-shape-position combinations never shown in training; each colour, shape and position, and each
+    colour-shape pair, still appears elsewhere."""
+    rng = random.Random(seed)
+    triples = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+    rng.shuffle(triples)
+    held, pairs = set(), {}
+    for triple in triples:
+        pair = triple[:2]
+        if pairs.get(pair, 0) < 1 and len(held) < count:  # at most one position held out per colour-shape pair
+            held.add(triple)
+            pairs[pair] = pairs.get(pair, 0) + 1
+    return held
+
+
+def training_triples(seed: int = 0) -> list[tuple[str, str, str]]:
+    held = held_out_triples(seed)
+    return [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS if (c, s, p) not in held]
+
+
+def random_scene(rng: random.Random, triples: list[tuple[str, str, str]], count: int) -> list[Shape]:
+    """`count` shapes at distinct positions with distinct shape kinds (so that "the circle" names one shape)."""
+    while True:
+        chosen = rng.sample(triples, count)
+        if len({t[2] for t in chosen}) == count and len({t[1] for t in chosen}) == count:
+            return [random_shape(rng, triple) for triple in chosen]
+
+
+# ------------------------------------------------------------------------------------------------------- texts
+
+
+def caption(item: Shape) -> str:
+    return f"a {item.colour} {item.shape} {where(item.position)}"
+
+
+def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
+    """(question, one-word answer) pairs about a scene."""
+    pairs = [("How many shapes are there?", COUNTS[len(scene)])]
+    for item in scene:
+        pairs += [
+            (f"What colour is the {item.shape}?", item.colour),
+            (f"Where is the {item.colour} {item.shape}?", item.position),
+            (f"What shape is {where(item.position)}?", item.shape),
+        ]
+    if len(scene) == 1:
+        pairs += [("What colour is the shape?", scene[0].colour), ("What shape is it?", scene[0].shape)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def random_edit(rng: random.Random, source: Shape, allowed: set[tuple[str, str, str]]) -> tuple[str, Shape]:
+    """An instruction and the edited shape (same size and jitter), its triple within `allowed`."""
+    while True:
+        kind = rng.choice(("colour", "shape", "move"))
+        if kind == "colour":
+            target = replace(source, colour=rng.choice([c for c in COLOURS if c != source.colour]))
+            instruction = f"make the {source.shape} {target.colour}"
+        elif kind == "shape":
+            target = replace(source, shape=rng.choice([s for s in SHAPES if s != source.shape]))
+            instruction = f"turn the {source.shape} into a {target.shape}"
+        else:
+            target = replace(source, position=rng.choice([p for p in POSITIONS if p != source.position]))
+            instruction = f"move the {source.shape} to the {target.position}"
+        if target.triple in allowed:
+            return instruction, target
+
+
+# ------------------------------------------------------------------------------------------------------- analyser
+
+
+def analyse(image) -> list[Shape]:
+    """Reads the shapes of an image: non-background pixels are given the nearest palette colour, each colour's
+    connected regions of 20+ pixels are shapes, classified by how much of their bounding box they fill (square ~1,
+    circle ~0.79, triangle ~0.5) and placed at the nearest position. Largest shape first."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image, dtype=np.float64)
+    palette = np.array(list(COLOURS.values()), dtype=np.float64)
+    names = list(COLOURS)
+    foreground = np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) > 90
+    nearest = np.linalg.norm(pixels[..., None, :] - palette, axis=-1).argmin(-1)
+    found = []
+    for index, name in enumerate(names):
+        mask = foreground & (nearest == index)
+        for region in connected_regions(mask):
+            if len(region) < 20:
+                continue
+            ys, xs = np.array(region).T
+            box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+            fill = len(region) / box_area
+            kind = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
+            centre = np.array([(xs.max() + xs.min()) / 2, (ys.max() + ys.min()) / 2])
+            position = min(POSITIONS, key=lambda p: np.linalg.norm(centre - np.array(POSITIONS[p])))
+            found.append((len(region), Shape(name, kind, position)))
+    return [shape for _, shape in sorted(found, key=lambda item: -item[0])]
+
+
+def connected_regions(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    seen = np.zeros_like(mask, dtype=bool)
+    regions = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        stack, region = [start], []
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        regions.append(region)
+    return regions
