@@ -24,3 +24,11 @@ def official_to_hf_key(key: str) -> str | None:
         if key.startswith(official):
             return ours + key[len(official) :]
     return None
+
+
+def hf_to_official_key(key: str) -> str:
+    """The official name of one of our keys (the inverse of `official_to_hf_key`)."""
+    for official, ours in OFFICIAL_PREFIXES:
+        if key.startswith(ours):
+            return official + key[len(ours) :]
+    raise KeyError(f"{key!r} has no counterpart in the official Tuna-2 state dict")

@@ -8,6 +8,7 @@ import pytest
 
 from diffusers_tuna2 import Tuna2Pipeline
 from diffusers_tuna2.cli import main
+
 from tiny import build_processor, tiny_model
 
 

@@ -4,7 +4,6 @@ shapes demo) and for tests; converted checkpoints use the Qwen2.5 tokenizer inst
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
