@@ -63,6 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--image-size", type=int, default=None, help="fixed size of generated images (else buckets)")
     parser.add_argument("--resolution", choices=["512", "1024"], default="512", help="bucket class")
+    parser.add_argument("--caption-dropout", type=float, default=0.0, help="empty-prompt rate for t2i/edit (CFG)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     parser.add_argument("--seed", type=int, default=0)
@@ -154,7 +155,13 @@ def main(argv=None):
         model=model,
         args=config,
         train_dataset=dataset.to_hf_dataset(),
-        data_collator=Tuna2Collator(processor, image_size=args.image_size, resolution=args.resolution),
+        data_collator=Tuna2Collator(
+            processor,
+            image_size=args.image_size,
+            resolution=args.resolution,
+            caption_dropout=args.caption_dropout,
+            seed=args.seed,
+        ),
         processing_class=processor,
         peft_config=peft_config,
     )
@@ -180,7 +187,8 @@ def save(trainer: Tuna2SFTTrainer, processor, args):
             from diffusers_tuna2 import Tuna2Pipeline
 
             model = trainer.accelerator.unwrap_model(trainer.model)
-            Tuna2Pipeline(model=model, processor=processor).save_scheduler_and_index(args.output)
+            defaults = Tuna2Pipeline.sampling_defaults(args.model)  # keep the input checkpoint's negative prompts
+            Tuna2Pipeline(model=model, processor=processor, **defaults).save_scheduler_and_index(args.output)
 
 
 if __name__ == "__main__":

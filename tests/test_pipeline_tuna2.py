@@ -185,6 +185,24 @@ def test_one_folder_for_both_libraries(tmp_path, pipe):
     )
 
 
+def test_checkpoint_default_negative_prompts_and_size(tmp_path, tokenizer):
+    processor = build_processor(tokenizer, size={"height": 32, "width": 48})
+    pipeline = Tuna2Pipeline(
+        model=tiny_model(tokenizer), processor=processor, negative_prompt="", edit_negative_prompt=""
+    )
+    pipeline.save_pretrained(tmp_path)
+    loaded = Tuna2Pipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.negative_prompt == "" and loaded.config.edit_negative_prompt == ""
+    seen = []
+    original = loaded.encode_prompt
+    loaded.encode_prompt = lambda prompts, negatives, *args: (
+        seen.append(negatives) or original(prompts, negatives, *args)
+    )
+    image = loaded("a circle", num_inference_steps=1).images[0]
+    assert seen == [[""]] and image.size == (48, 32)  # the processor's fixed size when none is given
+
+
 def test_pipeline_shares_the_models_tensors(tokenizer):
     model = tiny_model(tokenizer)
     pipeline = Tuna2Pipeline(model=model, processor=build_processor(tokenizer))

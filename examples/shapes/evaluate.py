@@ -86,40 +86,12 @@ def judge_edit(image, expected: Shape) -> bool:
     return len(found) == 1 and found[0].triple == expected.triple
 
 
-def evaluate(model_path: str, steps: int = 50) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from diffusers_tuna2 import Tuna2Pipeline
-
-    pipe = Tuna2Pipeline.from_pretrained(model_path)
-    pipe.set_progress_bar_config(disable=True)
-    generated = [
-        judge_generation(
-            pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(s)).images[0], e
-        )
-        for prompt, e, s in generation_cases()
-    ]
-    edited = [
-        judge_edit(
-            pipe(text, image=image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).images[0], e
-        )
-        for image, text, e in edit_cases()
-    ]
-    model = AutoModelForImageTextToText.from_pretrained(model_path)
-    processor = AutoProcessor.from_pretrained(model_path)
-    answered = []
-    for image, question, answer in question_cases():
-        messages = [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
-        ]
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        answered.append(
-            judge_answer(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True), answer)
-        )
+def score(generate, edit, ask) -> dict[str, float]:
+    """Accuracies of three callables: `generate(prompt, seed) -> image`, `edit(image, instruction, seed) -> image`
+    and `ask(image, question) -> answer`."""
+    generated = [judge_generation(generate(prompt, seed), shape) for prompt, shape, seed in generation_cases()]
+    edited = [judge_edit(edit(image, instruction, 0), shape) for image, instruction, shape in edit_cases()]
+    answered = [judge_answer(ask(image, question), answer) for image, question, answer in question_cases()]
     return {
         "generation": sum(generated) / len(generated),
         "understanding": sum(answered) / len(answered),
@@ -127,12 +99,47 @@ def evaluate(model_path: str, steps: int = 50) -> dict[str, float]:
     }
 
 
+def library_interfaces(model_path: str, steps: int = 50):
+    """`Tuna2Pipeline` for generation and editing, `AutoModelForImageTextToText` + `generate()` for questions."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import transformers_tuna2  # noqa: F401
+    from diffusers_tuna2 import Tuna2Pipeline
+
+    pipe = Tuna2Pipeline.from_pretrained(model_path)
+    pipe.set_progress_bar_config(disable=True)
+    model = AutoModelForImageTextToText.from_pretrained(model_path)
+    processor = AutoProcessor.from_pretrained(model_path)
+
+    def generate(prompt, seed):
+        return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).images[0]
+
+    def edit(image, instruction, seed):
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(instruction, image=image, num_inference_steps=steps, generator=generator).images[0]
+
+    def ask(image, question):
+        content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+        inputs = processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return generate, edit, ask
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-    for task, accuracy in evaluate(args.model, args.steps).items():
+    for task, accuracy in score(*library_interfaces(args.model, args.steps)).items():
         print(f"{task}: {accuracy:.1%}")
 
 

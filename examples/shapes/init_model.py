@@ -55,6 +55,9 @@ def demo_config(tokenizer) -> Tuna2Config:
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
         output_layout="patch",
+        # A small model learning from scratch: no masked image modelling, no noise on understanding images.
+        use_mask_token=False,
+        understanding_noise_prob=0.0,
     )
 
 
@@ -71,7 +74,9 @@ def main():
     model = Tuna2ForConditionalGeneration(demo_config(tokenizer))
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    Tuna2Pipeline(model=model, processor=processor).save_pretrained(args.output)
+    # Trained with caption dropout, the demo's unconditional branch is the empty prompt.
+    pipe = Tuna2Pipeline(model=model, processor=processor, negative_prompt="", edit_negative_prompt="")
+    pipe.save_pretrained(args.output)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)} -> {args.output}")
 
 

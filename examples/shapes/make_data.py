@@ -36,8 +36,9 @@ def build(output: Path, seed: int, num_t2i: int, num_mmu: int, num_edit: int) ->
     mmu = []
     for _ in range(num_mmu):
         scene = random_scene(rng, triples, rng.choice((1, 1, 2, 3)))
-        question, answer = questions(scene, rng)[0]
-        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        turns = []
+        for question, answer in questions(scene, rng)[:4]:
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         mmu.append({"image": save(scene), "conversations": turns})
     edit = []
     for _ in range(num_edit):

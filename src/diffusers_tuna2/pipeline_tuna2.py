@@ -62,6 +62,9 @@ class Tuna2Pipeline(DiffusionPipeline):
         processor ([`Tuna2Processor`]): owns the sequence layout.
         scheduler ([`SchedulerMixin`], *optional*): a flow-matching scheduler working in sigma = 1 - t;
             [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler.
+        negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
+            negative prompts for text-to-image and editing (saved in `model_index.json`); the official ones by
+            default. A model trained with caption dropout uses `""`.
     """
 
     model_cpu_offload_seq = "model"
@@ -72,11 +75,14 @@ class Tuna2Pipeline(DiffusionPipeline):
         model: Tuna2ForConditionalGeneration,
         processor: Tuna2Processor,
         scheduler: SchedulerMixin | None = None,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        edit_negative_prompt: str = DEFAULT_EDIT_NEGATIVE_PROMPT,
     ):
         super().__init__()
         self.register_modules(
             model=model, processor=processor, scheduler=scheduler or FlowMatchEulerDiscreteScheduler()
         )
+        self.register_to_config(negative_prompt=negative_prompt, edit_negative_prompt=edit_negative_prompt)
 
     # ------------------------------------------------------------------------------------------------ saving/loading
 
@@ -91,13 +97,22 @@ class Tuna2Pipeline(DiffusionPipeline):
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         scheduler = kwargs.pop("scheduler", None)
+        index = json.loads((path / MODEL_INDEX).read_text()) if (path / MODEL_INDEX).is_file() else {}
+        defaults = cls.sampling_defaults(path)
         model = Tuna2ForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = Tuna2Processor.from_pretrained(path)
         if scheduler is None and (path / "scheduler").is_dir():
-            library, class_name = json.loads((path / MODEL_INDEX).read_text())["scheduler"]
+            library, class_name = index["scheduler"]
             scheduler_class = getattr(__import__(library, fromlist=[class_name]), class_name)
             scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
-        return cls(model=model, processor=processor, scheduler=scheduler)
+        return cls(model=model, processor=processor, scheduler=scheduler, **defaults)
+
+    @staticmethod
+    def sampling_defaults(path: str | os.PathLike) -> dict:
+        """The default negative prompts a checkpoint folder's `model_index.json` sets, if any."""
+        index_file = Path(path) / MODEL_INDEX
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        return {key: index[key] for key in ("negative_prompt", "edit_negative_prompt") if key in index}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
@@ -300,8 +315,8 @@ class Tuna2Pipeline(DiffusionPipeline):
         prompt: str | list[str],
         image=None,
         negative_prompt: str | list[str] | None = None,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
@@ -320,9 +335,11 @@ class Tuna2Pipeline(DiffusionPipeline):
             image (PIL image, `np.ndarray`, `torch.Tensor` or a list, *optional*): image(s) to edit (one for all
                 prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or float in [0, 1].
                 Each is resized to cover `height x width` and center-cropped, and enters clean (t=1).
-            negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch; defaults to the official
-                negative prompt of text-to-image or of editing. `""` gives the empty unconditional prompt.
-            height, width (`int`, defaults to 512): any multiples of the patch size (buckets: 512x512, 448x576, ...).
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch; defaults to the pipeline's
+                `negative_prompt` or `edit_negative_prompt` (the official ones unless the checkpoint says otherwise).
+                `""` gives the empty unconditional prompt.
+            height, width (`int`, *optional*): any multiples of the patch size (buckets: 512x512, 448x576, ...);
+                default to the processor's fixed size if it has one, else 512.
             num_inference_steps (`int`, defaults to 50): Euler steps.
             guidance_scale (`float`, *optional*): CFG on x0; 3.0 for text-to-image and 2.0 for editing by default,
                 1.0 turns it off.
@@ -342,6 +359,9 @@ class Tuna2Pipeline(DiffusionPipeline):
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
         editing = image is not None
+        fixed_size = self.processor.image_processor.size or {"height": 512, "width": 512}
+        height = height if height is not None else fixed_size["height"]
+        width = width if width is not None else fixed_size["width"]
         if guidance_scale is None:
             guidance_scale = 2.0 if editing else 3.0
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
@@ -366,7 +386,7 @@ class Tuna2Pipeline(DiffusionPipeline):
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
-            negative_prompt = DEFAULT_EDIT_NEGATIVE_PROMPT if editing else DEFAULT_NEGATIVE_PROMPT
+            negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
         negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         images = None
         if editing:

@@ -233,12 +233,25 @@ class Tuna2Collator:
         processor ([`Tuna2Processor`]): tokenizer + image processor.
         image_size (`int` or `(height, width)`, *optional*): a fixed size for generated images instead of buckets.
         resolution (`str`, defaults to `"512"`): bucket class for generated images.
+        caption_dropout (`float`, defaults to 0.0): probability of replacing a caption or edit instruction with the
+            empty prompt, so that the model learns the unconditional branch of classifier-free guidance (the official
+            training has none).
+        seed (`int`, defaults to 0): seeds the caption dropout.
     """
 
-    def __init__(self, processor: Tuna2Processor, image_size=None, resolution: str = "512"):
+    def __init__(
+        self,
+        processor: Tuna2Processor,
+        image_size=None,
+        resolution: str = "512",
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+    ):
         self.processor = processor
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.resolution = resolution
+        self.caption_dropout = caption_dropout
+        self.rng = random.Random(seed)
 
     def target_size(self, image: PIL.Image.Image) -> tuple[int, int]:
         if self.image_size is not None:
@@ -249,7 +262,8 @@ class Tuna2Collator:
         target = images[-1]
         height, width = self.target_size(target)
         sources = images[:-1] or None
-        inputs = self.processor.generation_inputs([sample.text], height, width, source_images=sources)
+        text = "" if self.rng.random() < self.caption_dropout else sample.text
+        inputs = self.processor.generation_inputs([text], height, width, source_images=sources)
         input_ids = torch.cat([inputs["input_ids"][0], inputs["span_ids"][0], inputs["suffix_ids"][0]]).tolist()
         target_pixels = self.processor.image_processor(
             target, size={"height": height, "width": width}, resize_mode="center_crop"
