@@ -1,5 +1,4 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -7,12 +6,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from diffusers_tuna2.conversion.official_keys import official_to_hf_key
 from transformers_tuna2 import Tuna2ForConditionalGeneration
 
 from tiny import build_processor, build_tokenizer, tiny_config, tiny_model
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "conversion"))
-from official_keys import official_to_hf_key  # noqa: E402
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 

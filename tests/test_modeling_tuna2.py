@@ -287,3 +287,19 @@ def test_7b_preset_parameter_count(use_mask_token, expected):
         model = Tuna2ForConditionalGeneration(Tuna2Config.tuna2_7b(use_mask_token=use_mask_token))
     assert sum(p.numel() for p in model.parameters()) == expected
     assert len(model.state_dict()) == 559 + use_mask_token
+
+
+def test_fresh_model_has_the_official_initialisation(tokenizer):
+    model = Tuna2ForConditionalGeneration(tiny_config(tokenizer))
+    zero = [block.adaLN_modulation[1] for block in model.flow_head.layers]
+    zero += [model.flow_head.final_layer.adaLN_modulation[1], model.flow_head.final_layer.linear]
+    for linear in zero:
+        assert not linear.weight.any() and not linear.bias.any()
+    conv = model.model.patch_embed.patch_embedding
+    fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * conv.weight[0, 0].numel()
+    bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier uniform
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound and not conv.bias.any()
+    assert 0.015 < model.model.time_embed.mlp[0].weight.std() < 0.025
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    ids = torch.tensor([[model.config.vision_start_token_id] + [model.config.image_token_id] * 5])
+    assert not model.predict_x0(ids, images).x0.any()  # zero final layer: the first prediction is 0

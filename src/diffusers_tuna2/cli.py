@@ -5,6 +5,7 @@ convert official checkpoints.
     tuna2 edit out.png "make the circle blue" -o edited.png
     tuna2 ask out.png "What colour is the circle?"
     tuna2 convert --checkpoint tuna_2_pixel_7b.pt --tokenizer Qwen2.5-7B-Instruct --output tuna2-7b
+    tuna2 init --qwen Qwen2.5-7B-Instruct --output tuna2-7b-init
 """
 
 import argparse
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).parent / "demo_model"
+SCRIPTS = {"convert": "convert an official checkpoint", "init": "start a new Tuna-2 from Qwen2.5"}
 
 
 class CommandError(Exception):
@@ -112,10 +114,12 @@ def ask(args):
     print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
 
 
-def convert(args):
-    from transformers_tuna2.conversion import main as convert_main
+def run_script(name: str, argv: list[str]):
+    """`tuna2 convert` and `tuna2 init` hand their arguments to the conversion scripts."""
+    from diffusers_tuna2.conversion import convert_tuna2_to_hf, init_from_qwen2
 
-    convert_main(args.convert_args)
+    script = convert_tuna2_to_hf if name == "convert" else init_from_qwen2
+    script.main(argv)
 
 
 def add_model_options(parser):
@@ -150,25 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     question.add_argument("question")
     question.add_argument("--max-new-tokens", type=int, default=64)
     add_model_options(question)
-    conversion = commands.add_parser("convert", help="convert an official checkpoint (see --help)", add_help=False)
-    conversion.add_argument("convert_args", nargs=argparse.REMAINDER)
+    for name, text in SCRIPTS.items():
+        commands.add_parser(name, help=f"{text} (its own options: tuna2 {name} --help)", add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv) if not (argv and argv[0] in SCRIPTS) else None
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # keep the terminal for the denoising progress bar and errors
     try:
-        if args.command == "generate":
+        if args is None:
+            run_script(argv[0], argv[1:])
+        elif args.command == "generate":
             draw(args)
         elif args.command == "edit":
             draw(args, load_image(args.image))
-        elif args.command == "ask":
-            ask(args)
         else:
-            convert(args)
+            ask(args)
     except (CommandError, ValueError, OSError) as error:
         print(f"tuna2: error: {error}", file=sys.stderr)
         return 1

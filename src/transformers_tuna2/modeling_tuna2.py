@@ -310,6 +310,11 @@ class Tuna2FlowHeadRotaryEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class Tuna2ZeroInitLinear(nn.Linear):
+    """A linear layer initialised to zero (adaLN-Zero): each flow-head block starts as the identity on image spans
+    and the head's first prediction is 0."""
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation `x (1 + scale) + shift`, computed in fp32."""
     return (x.float() * (1 + scale.float()) + shift.float()).to(x.dtype)
@@ -392,7 +397,7 @@ class Tuna2FlowHeadBlock(GradientCheckpointingLayer):
         self.mlp = Tuna2FlowHeadMLP(config)
         self.input_layernorm = Qwen2RMSNorm(hidden_size, eps=config.flow_head_rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(hidden_size, eps=config.flow_head_rms_norm_eps)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Tuna2ZeroInitLinear(hidden_size, 6 * hidden_size))
 
     def forward(
         self,
@@ -424,8 +429,8 @@ class Tuna2FlowHeadFinalLayer(nn.Module):
         super().__init__()
         hidden_size = config.text_config.hidden_size
         self.norm_final = Qwen2RMSNorm(hidden_size, eps=config.flow_head_final_norm_eps)
-        self.linear = nn.Linear(hidden_size, config.patch_size**2 * config.num_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.linear = Tuna2ZeroInitLinear(hidden_size, config.patch_size**2 * config.num_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Tuna2ZeroInitLinear(hidden_size, 2 * hidden_size))
 
     def forward(self, hidden_states: torch.Tensor, time_embeds: torch.Tensor, image_index: torch.LongTensor):
         params = self.adaLN_modulation(time_embeds).unflatten(-1, (2, -1))
@@ -555,20 +560,14 @@ class Tuna2PreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         """The official initialisation of the parts that do not come from the LLM."""
-        super()._init_weights(module)
-        if isinstance(module, Tuna2PatchEmbedding):
-            init.xavier_uniform_(module.patch_embedding.weight)
-            init.zeros_(module.patch_embedding.bias)
-        elif isinstance(module, Tuna2TimestepEmbedder):
-            init.normal_(module.mlp[0].weight, std=0.02)
-            init.normal_(module.mlp[2].weight, std=0.02)
-        elif isinstance(module, Tuna2FlowHeadBlock):
-            init.zeros_(module.adaLN_modulation[1].weight)
-            init.zeros_(module.adaLN_modulation[1].bias)
-        elif isinstance(module, Tuna2FlowHeadFinalLayer):
-            for linear in (module.adaLN_modulation[1], module.linear):
-                init.zeros_(linear.weight)
-                init.zeros_(linear.bias)
+        # Leaf modules only: transformers skips containers without parameters of their own for remote-code models.
+        super()._init_weights(module)  # linears (the timestep MLP included): N(0, 0.02), zero bias
+        if isinstance(module, Tuna2ZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):  # the patch embedding
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, Tuna2Model) and module.mask_token is not None:
             init.normal_(module.mask_token, std=module.mask_token.shape[-1] ** -0.5)
 

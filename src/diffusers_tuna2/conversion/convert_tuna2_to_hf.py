@@ -1,0 +1,565 @@
+"""Converts an official Tuna-2 checkpoint into the folder that `AutoModelForImageTextToText`, `AutoProcessor` and
+`Tuna2Pipeline` load.
+
+    python conversion/convert_tuna2_to_hf.py --checkpoint tuna_2_pixel_7b.pt \\
+        --tokenizer /models/Qwen2.5-7B-Instruct --output ./tuna2-7b --dtype bfloat16
+
+Input: a `.pt`, `.pth` or `.bin` file (the zip format of `torch.save`) or a `.safetensors` file holding the state dict
+of the official `Tuna2Pixel`, raw or inside a training checkpoint (`model`, `state_dict` or `module` entries, keys
+prefixed by `module.`, `_orig_mod.`, `_fsdp_wrapped_module.` or `tuna_model.`). The configuration is read off the
+tensor shapes and the Qwen2 config of the base LLM (`config.json` of the `--tokenizer` folder, or `--base-config`),
+which holds what shapes cannot tell: the LLM's attention heads, RoPE and norm epsilon. Every weight of the model must
+be present with its expected shape; otherwise the conversion fails with the complete list of missing, unexpected and
+mis-shaped keys (the official loaders skip such keys silently).
+
+Output: the config (`output_layout="raster"`, the official un-patchify), the weights as safetensors shards with their
+index, the tokenizer set up as officially ([PAD], <image>, <|vid_start|>, <|vid_end|> added), the processor, a
+generation config for understanding (greedy, at most 512 new tokens, stops at <|im_end|>), `model_index.json` and
+`scheduler/` for `Tuna2Pipeline`. The input is memory-mapped and mapped afresh for each output shard, so that the
+conversion holds about one shard in memory, never the whole model.
+
+The learned mask token (masked image modelling, used in training only) is kept when the checkpoint has one, with
+`use_mask_token=True`: it is one hidden-size vector, and fine-tuning with the official recipe needs the trained token.
+A checkpoint without it gives `use_mask_token=False`.
+
+`--report` prints mean, std and absolute maximum of every weight and flags constant tensors (a norm weight of exactly
+1, a zeroed linear) and tensors whose std is far from that of the same weight in the other layers: the official
+"foundation" release re-initialised a few layers without saying which.
+"""
+
+import argparse
+import json
+import math
+import pickle
+import re
+import zipfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2Config
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import logging
+
+from diffusers_tuna2 import Tuna2Pipeline
+from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2Processor
+
+from .official_keys import hf_to_official_key, official_to_hf_key
+
+logger = logging.get_logger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Entries of training checkpoints that hold the state dict (`{"model": ..., "optimizer": ..., "step": ...}`).
+WRAPPER_ENTRIES = ("model", "state_dict", "module")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# The official tokenizer setup adds a new special pad token and three normal tokens to Qwen2.5's.
+OFFICIAL_PAD_TOKEN = "[PAD]"
+OFFICIAL_NEW_TOKENS = ("<image>", "<|vid_start|>", "<|vid_end|>")
+# Tokens with a role in Tuna-2's sequences; the processor writes them by name.
+ROLE_TOKENS = {
+    "bos": "<|im_start|>",
+    "eos": "<|im_end|>",
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+    "image": "<|image_pad|>",
+    "pad": OFFICIAL_PAD_TOKEN,
+}
+OFFICIAL_MAX_NEW_TOKENS = 512
+
+# The weights the configuration is read from (our names).
+EMBEDDINGS = "model.language_model.embed_tokens.weight"
+PATCH_CONV = "model.patch_embed.patch_embedding.weight"
+TIME_MLP_IN = "model.time_embed.mlp.0.weight"
+FLOW_Q_NORM = "flow_head.layers.0.self_attn.q_norm.weight"
+FLOW_Q_PROJ = "flow_head.layers.0.self_attn.q_proj.weight"
+FLOW_K_PROJ = "flow_head.layers.0.self_attn.k_proj.weight"
+FLOW_GATE_PROJ = "flow_head.layers.0.mlp.gate_proj.weight"
+MASK_TOKEN = "model.mask_token"
+FLOW_LAYER = re.compile(r"^flow_head\.layers\.(\d+)\.")
+
+# A weight whose std is this far (either way) from the median std of the same weight across layers is flagged.
+STD_OUTLIER_FACTOR = 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the official checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def unwrap_state_dict(content, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a `torch.load` result, descending through `model`, `state_dict` and `module` entries."""
+    while isinstance(content, dict):
+        wrapper = next((entry for entry in WRAPPER_ENTRIES if isinstance(content.get(entry), dict)), None)
+        if wrapper is None:
+            break
+        content = content[wrapper]
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} holds a {type(content).__name__}, not a state dict")
+    if not content:
+        raise ValueError(f"{path} holds an empty state dict")
+    not_tensors = [str(key) for key, value in content.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{path} is not a state dict of tensors; entries that are not tensors: {not_tensors}")
+    return content
+
+
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a `torch.save` file, memory-mapped: tensor data is read from disk when used."""
+    # torch.load reports a text file as a file that "can only be memory-mapped in the new zip format"; say it plainly.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a checkpoint in torch.save's zip format (it may be a legacy torch.save file, which cannot "
+            "be memory-mapped: load it and torch.save it again)"
+        )
+    try:
+        content = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors and containers: {error}") from error
+    return unwrap_state_dict(content, path)
+
+
+def map_official_keys(file_keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Returns `{our key: file key}` and the file keys that have no counterpart in our model."""
+    mapped, unmapped = {}, []
+    for file_key in file_keys:
+        key = official_to_hf_key(file_key)
+        if key is None:
+            unmapped.append(file_key)
+        elif key in mapped:
+            raise ValueError(f"{file_key!r} and {mapped[key]!r} are the same weight once wrapper prefixes are removed")
+        else:
+            mapped[key] = file_key
+    return mapped, unmapped
+
+
+class OfficialCheckpoint:
+    """An official Tuna-2 checkpoint file, addressed by our key names; tensors are read lazily from a memory map."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+            raise ValueError(
+                f"{self.path}: unsupported file type {self.path.suffix!r}; expected one of "
+                f"{(*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)}"
+            )
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no checkpoint file at {self.path}")
+        with self._open_file() as (infos, _):
+            self.file_keys, self.unmapped_keys = map_official_keys(infos)
+            self.infos = {key: infos[file_key] for key, file_key in self.file_keys.items()}
+
+    @contextmanager
+    def _open_file(self) -> Iterator[tuple[dict[str, TensorInfo], Callable[[str], torch.Tensor]]]:
+        """Maps the file; yields the shape and dtype of each file key, and a function reading a file key's tensor."""
+        if self.path.suffix == SAFETENSORS_SUFFIX:
+            try:
+                handle = safe_open(self.path, framework="pt")
+            except SafetensorError as error:
+                raise ValueError(f"{self.path} is not a safetensors file: {error}") from error
+            with handle:
+                infos = {}
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    dtype = tensor_slice.get_dtype()
+                    if dtype not in SAFETENSORS_DTYPES:
+                        raise ValueError(f"{self.path}: {key} has dtype {dtype}; Tuna-2 weights are floating point")
+                    infos[key] = TensorInfo(tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype])
+                yield infos, handle.get_tensor
+        else:
+            state_dict = load_torch_state_dict(self.path)
+            yield (
+                {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state_dict.items()},
+                state_dict.__getitem__,
+            )
+
+    @contextmanager
+    def open(self) -> Iterator[Callable[[str], torch.Tensor]]:
+        """Yields a function returning the tensor of one of our keys; the file stays mapped until the block ends."""
+        with self._open_file() as (_, read):
+            yield lambda key: read(self.file_keys[key])
+
+    def dominant_dtype(self) -> torch.dtype:
+        """The dtype holding most of the parameters."""
+        counts = Counter()
+        for info in self.infos.values():
+            counts[info.dtype] += math.prod(info.shape)
+        return counts.most_common(1)[0][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_official_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The Qwen2.5 tokenizer of `path` set up as the official code does: `[PAD]` added as a new special token and made
+    the pad token, then `<image>`, `<|vid_start|>`, `<|vid_end|>` added as normal tokens (Qwen2.5's 151665 entries
+    become 151669). A tokenizer that already has them is left as it is."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_special_tokens({"pad_token": OFFICIAL_PAD_TOKEN})
+    tokenizer.add_tokens(list(OFFICIAL_NEW_TOKENS))
+    return tokenizer
+
+
+def role_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The ids of the tokens with a role in Tuna-2's sequences; raises a `ValueError` when one is missing."""
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in ROLE_TOKENS.values() if token not in vocab]
+    if missing:
+        raise ValueError(f"the tokenizer lacks {missing}; Tuna-2 needs a Qwen2.5 tokenizer")
+    # The official eos is the tokenizer's, and the processor ends turns and generation prompts with <|im_end|>.
+    if tokenizer.eos_token != ROLE_TOKENS["eos"]:
+        raise ValueError(
+            f"the tokenizer's eos token is {tokenizer.eos_token!r}, not {ROLE_TOKENS['eos']!r}: Tuna-2 uses the "
+            "tokenizer of Qwen2.5-Instruct"
+        )
+    return {role: vocab[token] for role, token in ROLE_TOKENS.items()}
+
+
+def load_text_config(path: str | Path) -> Qwen2Config:
+    """The Qwen2 config of the base LLM from a folder or a `config.json` file."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json; give the base LLM's Qwen2 config with --base-config")
+    config = AutoConfig.from_pretrained(path)
+    if not isinstance(config, Qwen2Config):
+        raise ValueError(f"{path} holds a {type(config).__name__}; Tuna-2's LLM is a Qwen2 model")
+    if config.tie_word_embeddings:
+        raise ValueError(f"{path} ties the input and output embeddings; Tuna-2's LLM (Qwen2.5-7B) has separate ones")
+    return config
+
+
+def tuna2_config(text_config: Qwen2Config, tokenizer: PreTrainedTokenizerBase, **kwargs) -> Tuna2Config:
+    """A Tuna-2 configuration around `text_config`, with the token ids of `tokenizer` (already set up as officially);
+    `kwargs` set the other fields.
+
+    `text_config.pad_token_id` stays the base LLM's (unset for Qwen2.5): Qwen2 makes it the embedding's `padding_idx`,
+    which would freeze the [PAD] row in fine-tuning, whereas the official model trains every row. The tokenizer and the
+    generation config carry [PAD]."""
+    ids = role_token_ids(tokenizer)
+    text_config._name_or_path = ""  # the local folder it was read from means nothing in the output
+    text_config.eos_token_id = ids["eos"]
+    return Tuna2Config(
+        text_config=text_config,
+        image_token_id=ids["image"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        **kwargs,
+    )
+
+
+def config_from_shapes(checkpoint: OfficialCheckpoint, text_config: Qwen2Config) -> dict:
+    """The Tuna2Config fields that the tensor shapes determine (the LLM's vocabulary size is set in `text_config`).
+    The flow head's attention shape comes from its projections and the per-head query norm."""
+    shapes = {key: info.shape for key, info in checkpoint.infos.items()}
+    needed = (EMBEDDINGS, PATCH_CONV, TIME_MLP_IN, FLOW_Q_NORM, FLOW_Q_PROJ, FLOW_K_PROJ, FLOW_GATE_PROJ)
+    missing = [hf_to_official_key(key) for key in needed if key not in shapes]
+    if missing:
+        raise ValueError(f"cannot read a Tuna-2 configuration off {checkpoint.path}: it lacks {missing}")
+    vocab_rows, hidden_size = shapes[EMBEDDINGS]
+    if hidden_size != text_config.hidden_size:
+        raise ValueError(
+            f"the checkpoint's LLM has hidden size {hidden_size} but the base config says {text_config.hidden_size}: "
+            "is it the config of the LLM the checkpoint was trained from?"
+        )
+    text_config.vocab_size = vocab_rows
+    _, num_channels, patch_size, _ = shapes[PATCH_CONV]
+    (head_dim,) = shapes[FLOW_Q_NORM]
+    for projection in (FLOW_Q_PROJ, FLOW_K_PROJ):
+        if shapes[projection][0] % head_dim:
+            raise ValueError(
+                f"{hf_to_official_key(projection)} has {shapes[projection][0]} rows, not a multiple of the "
+                f"head dim {head_dim} given by {hf_to_official_key(FLOW_Q_NORM)}"
+            )
+    return dict(
+        patch_size=patch_size,
+        num_channels=num_channels,
+        timestep_frequency_dim=shapes[TIME_MLP_IN][1],
+        flow_head_num_layers=1 + max(int(m.group(1)) for key in shapes if (m := FLOW_LAYER.match(key))),
+        flow_head_num_attention_heads=shapes[FLOW_Q_PROJ][0] // head_dim,
+        flow_head_num_key_value_heads=shapes[FLOW_K_PROJ][0] // head_dim,
+        flow_head_head_dim=head_dim,
+        flow_head_intermediate_size=shapes[FLOW_GATE_PROJ][0],
+        use_mask_token=MASK_TOKEN in shapes,
+    )
+
+
+def check_vocabulary(config: Tuna2Config, tokenizer: PreTrainedTokenizerBase):
+    """Every token id must have a row in the embeddings; extra rows (a padded vocabulary) are allowed."""
+    rows = config.text_config.vocab_size
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} entries after the official setup but the embeddings only {rows} "
+            "rows: is --tokenizer the tokenizer of the checkpoint's base LLM?"
+        )
+    if len(tokenizer) < rows:
+        logger.warning(f"the embeddings have {rows} rows for {len(tokenizer)} tokens; the extra rows are never used")
+
+
+def describe_config(config: Tuna2Config) -> str:
+    text = config.text_config
+    return (
+        f"hidden size {text.hidden_size}, {text.num_hidden_layers} LLM layers, vocabulary {text.vocab_size}, "
+        f"{config.flow_head_num_layers} flow-head blocks with {config.flow_head_num_attention_heads}/"
+        f"{config.flow_head_num_key_value_heads} heads, patch {config.patch_size}"
+    )
+
+
+def check_keys_and_shapes(checkpoint: OfficialCheckpoint, expected: dict[str, tuple[int, ...]], config: Tuna2Config):
+    """Raises a `ValueError` listing every missing, unexpected and mis-shaped key (official names, as in the file)."""
+    found = checkpoint.infos
+    missing = [hf_to_official_key(key) for key in expected if key not in found]
+    unexpected = [checkpoint.file_keys[key] for key in found if key not in expected] + checkpoint.unmapped_keys
+    misshaped = [
+        f"{checkpoint.file_keys[key]}: {list(found[key].shape)} in the checkpoint, {list(shape)} expected"
+        for key, shape in expected.items()
+        if key in found and found[key].shape != shape
+    ]
+    if missing or unexpected or misshaped:
+        lines = [f"{checkpoint.path} does not fit the Tuna-2 model read off its shapes ({describe_config(config)}):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if keys:
+                lines += [f"  {title} ({len(keys)}):", *(f"    {key}" for key in keys)]
+        raise ValueError("\n".join(lines))
+
+
+def understanding_generation_config(config: Tuna2Config, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The official evaluation decoding: greedy, at most 512 new tokens, stopping at <|im_end|>."""
+    text_config = config.text_config
+    return GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=OFFICIAL_MAX_NEW_TOKENS,
+    )
+
+
+def tuna2_processor(tokenizer: PreTrainedTokenizerBase, config: Tuna2Config) -> Tuna2Processor:
+    return Tuna2Processor(image_processor=Tuna2ImageProcessor(patch_size=config.patch_size), tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight statistics (--report)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorStatistics:
+    shape: tuple[int, ...]
+    mean: float
+    std: float
+    abs_max: float
+
+
+def tensor_statistics(tensor: torch.Tensor, chunk_size: int = 1 << 22) -> TensorStatistics:
+    """Mean, std and absolute maximum in float64, over chunks so that a large embedding is not copied at once."""
+    count, mean, sum_squares, abs_max = 0, 0.0, 0.0, 0.0
+    for chunk in tensor.detach().reshape(-1).split(chunk_size):
+        values = chunk.double()
+        chunk_var, chunk_mean = (value.item() for value in torch.var_mean(values, correction=0))
+        # Chan et al.'s pairwise update: exact for constant tensors, unlike E[x^2] - E[x]^2.
+        delta, total = chunk_mean - mean, count + values.numel()
+        mean += delta * values.numel() / total
+        sum_squares += chunk_var * values.numel() + delta**2 * count * values.numel() / total
+        count, abs_max = total, max(abs_max, values.abs().max().item())
+    return TensorStatistics(tuple(tensor.shape), mean, math.sqrt(sum_squares / count), abs_max)
+
+
+class WeightStatistics:
+    """Statistics of the converted weights, and flags that point at re-initialised layers: constant tensors (a norm
+    weight of exactly 1, a zeroed linear) and weights whose std is more than `STD_OUTLIER_FACTOR` times off the median
+    std of the same weight in the other layers (compared when there are at least 3 layers)."""
+
+    def __init__(self):
+        self.tensors: dict[str, TensorStatistics] = {}
+
+    def add(self, name: str, tensor: torch.Tensor):
+        self.tensors[name] = tensor_statistics(tensor)
+
+    def flags(self) -> dict[str, list[str]]:
+        flags = defaultdict(list)
+        same_weight = defaultdict(list)
+        for name, stats in self.tensors.items():
+            if stats.std == 0:
+                flags[name].append(f"constant {stats.mean:g}")
+            same_weight[re.sub(r"\.layers\.\d+\.", ".layers.*.", name)].append(name)
+        for names in same_weight.values():
+            stds = [self.tensors[name].std for name in names]
+            reference = median(stds)
+            if len(names) < 3 or reference == 0:
+                continue
+            for name, std in zip(names, stds):
+                if std > 0 and not 1 / STD_OUTLIER_FACTOR <= std / reference <= STD_OUTLIER_FACTOR:
+                    flags[name].append(f"std {std / reference:.2f}x the median of its {len(names)} layers")
+        return dict(flags)
+
+    def format(self) -> str:
+        flags = self.flags()
+        width = max(map(len, self.tensors))
+        lines = [f"{'weight':<{width}}  {'shape':<20} {'mean':>11} {'std':>10} {'abs max':>10}  flags"]
+        for name, stats in self.tensors.items():
+            lines.append(
+                f"{name:<{width}}  {str(list(stats.shape)):<20} {stats.mean:>11.4g} {stats.std:>10.4g} "
+                f"{stats.abs_max:>10.4g}  {'; '.join(flags.get(name, []))}"
+            )
+        lines.append(f"{len(flags)} of {len(self.tensors)} weights flagged")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing the folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_output_folder(output: Path):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"{output} exists and is not an empty folder")
+
+
+def write_shard(
+    read: Callable[[str], torch.Tensor],
+    names: list[str],
+    path: Path,
+    dtype: torch.dtype | None,
+    statistics: WeightStatistics | None,
+):
+    tensors = {}
+    for name in names:
+        tensor = read(name)
+        tensors[name] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    if statistics is not None:
+        for name, tensor in tensors.items():
+            statistics.add(name, tensor)
+
+
+def write_weights(
+    checkpoint: OfficialCheckpoint,
+    names: list[str],
+    output: Path,
+    dtype: torch.dtype | None,
+    max_shard_size: int | str,
+    statistics: WeightStatistics | None = None,
+):
+    """Writes `names` (our keys, in this order) as `model.safetensors` or as shards with their index, one shard at a
+    time."""
+    sizes = {
+        name: torch.empty(checkpoint.infos[name].shape, dtype=dtype or checkpoint.infos[name].dtype, device="meta")
+        for name in names
+    }
+    split = split_torch_state_dict_into_shards(
+        sizes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, shard_names in split.filename_to_tensors.items():
+        # Mapping the file afresh for each shard releases the pages read for the previous ones.
+        with checkpoint.open() as read:
+            write_shard(read, shard_names, output / filename, dtype, statistics)
+    if split.is_sharded:
+        total_parameters = sum(math.prod(checkpoint.infos[name].shape) for name in names)
+        index = {
+            "metadata": {"total_parameters": total_parameters, **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_files(model: Tuna2ForConditionalGeneration, output: Path):
+    """What `save_pretrained` writes besides the weights: the config (with the architecture and the `auto_map` of
+    the remote code), the generation config and the modeling code."""
+    model.config.architectures = [type(model).__name__]
+    if model.is_remote_code():
+        custom_object_save(model, output, config=model.config)
+    model.config.save_pretrained(output)
+    model.generation_config.save_pretrained(output)
+
+
+def convert(
+    checkpoint_path: str | Path,
+    tokenizer_path: str | Path,
+    output: str | Path,
+    base_config: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    report: bool = False,
+) -> tuple[Tuna2Config, WeightStatistics | None]:
+    """Converts an official checkpoint into the shared folder `output`. Returns the configuration and, with `report`,
+    the statistics of the written weights. Everything is checked before anything is written."""
+    output = Path(output)
+    check_output_folder(output)
+    checkpoint = OfficialCheckpoint(checkpoint_path)
+    tokenizer = load_official_tokenizer(tokenizer_path)
+    text_config = load_text_config(base_config or tokenizer_path)
+    config = tuna2_config(
+        text_config, tokenizer, output_layout="raster", **config_from_shapes(checkpoint, text_config)
+    )
+    check_vocabulary(config, tokenizer)
+    with torch.device("meta"):
+        model = Tuna2ForConditionalGeneration(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    check_keys_and_shapes(checkpoint, expected, config)
+
+    config.dtype = config.text_config.dtype = str(dtype or checkpoint.dominant_dtype()).removeprefix("torch.")
+    model.generation_config = understanding_generation_config(config, tokenizer)
+    processor = tuna2_processor(tokenizer, config)
+    statistics = WeightStatistics() if report else None
+    output.mkdir(parents=True, exist_ok=True)
+    write_weights(checkpoint, list(expected), output, dtype, max_shard_size, statistics)
+    save_model_files(model, output)
+    processor.save_pretrained(output)
+    Tuna2Pipeline(model=model, processor=processor).save_scheduler_and_index(output)
+    return config, statistics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="official checkpoint (.pt, .pth, .bin or .safetensors)")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="folder of the base LLM (Qwen2.5-7B-Instruct): its tokenizer, and its config.json unless --base-config",
+    )
+    parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument(
+        "--base-config", help="the base LLM's Qwen2 config.json (file or folder), if not in --tokenizer"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument("--report", action="store_true", help="print per-weight statistics and flag outliers")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    config, statistics = convert(
+        args.checkpoint,
+        args.tokenizer,
+        args.output,
+        base_config=args.base_config,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        max_shard_size=args.max_shard_size,
+        report=args.report,
+    )
+    if statistics is not None:
+        print(statistics.format())
+    print(f"Wrote {args.output}: {describe_config(config)}")
+
+
+if __name__ == "__main__":
+    main()

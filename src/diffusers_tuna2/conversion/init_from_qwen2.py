@@ -1,0 +1,160 @@
+"""Builds a new Tuna-2 from a Qwen2 / Qwen2.5(-Instruct) folder, initialised as the official code initialises one, and
+writes the folder that `AutoModelForImageTextToText`, `AutoProcessor` and `Tuna2Pipeline` load.
+
+    python conversion/init_from_qwen2.py --qwen /models/Qwen2.5-7B-Instruct --output ./tuna2-7b-init
+
+- Language model: the Qwen2 weights. The tokenizer is set up as officially ([PAD], <image>, <|vid_start|>,
+  <|vid_end|> added) and the embeddings and the LM head are resized to it as the official code resizes them, with
+  `resize_token_embeddings(len(tokenizer))`: Qwen2.5-7B's 152064 rows are truncated to 151669; a smaller checkpoint
+  vocabulary grows by rows drawn from the mean and covariance of the existing ones.
+- Flow head: `--flow-head-layers` blocks (16) as wide as the LLM, with its MLP width, `hidden_size / 64` query heads
+  and a quarter as many key/value heads: from Qwen2.5-7B, exactly the official Tuna-2 7B.
+- Initialisation of the parts that do not come from the LLM, as the official model starts:
+  - patch convolution: xavier-uniform weight, zero bias; every norm weight: ones;
+  - timestep MLP: weights N(0, 0.02), biases PyTorch's default;
+  - flow-head blocks: adaLN modulation zero (adaLN-Zero); attention and MLP linears keep PyTorch's default
+    (kaiming-uniform). The official code means to xavier-initialise them, but calls its init on the module list
+    instead of through `.apply`, so it never runs and the official model was trained from PyTorch's default. That is
+    what is kept here, so that training with the official recipe starts where the official run started;
+  - final layer: adaLN modulation and output projection zero, so that x0 is predicted as 0 at first;
+  - mask token: normal with std hidden_size ** -0.5.
+- `--output-layout patch` (the default for new models) is the standard un-patchify; `raster` is the official
+  flattening, needed only to match official weights.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from diffusers_tuna2 import Tuna2Pipeline
+from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
+from transformers_tuna2.configuration_tuna2 import OUTPUT_LAYOUTS
+from transformers_tuna2.modeling_tuna2 import Tuna2ZeroInitLinear
+
+from .convert_tuna2_to_hf import (
+    DTYPES,
+    check_output_folder,
+    load_official_tokenizer,
+    load_text_config,
+    tuna2_config,
+    tuna2_processor,
+    understanding_generation_config,
+)
+
+FLOW_HEAD_HEAD_DIM = 64  # the official flow head's 3-D RoPE is built for 64 channels per head
+FLOW_HEAD_QUERIES_PER_KEY = 4  # 56 query and 14 key/value heads in the official 7B
+LOADING_PROBLEMS = {"missing": "missing_keys", "unexpected": "unexpected_keys", "wrong shape": "mismatched_keys"}
+
+
+def flow_head_shape(hidden_size: int, intermediate_size: int, num_layers: int) -> dict:
+    """The official rule for the flow head's shape, from the LLM's width and MLP width."""
+    if hidden_size % FLOW_HEAD_HEAD_DIM:
+        raise ValueError(f"the LLM's hidden size {hidden_size} is not a multiple of {FLOW_HEAD_HEAD_DIM}")
+    num_heads = hidden_size // FLOW_HEAD_HEAD_DIM
+    grouped = num_heads % FLOW_HEAD_QUERIES_PER_KEY == 0
+    return dict(
+        flow_head_num_layers=num_layers,
+        flow_head_num_attention_heads=num_heads,
+        flow_head_num_key_value_heads=num_heads // FLOW_HEAD_QUERIES_PER_KEY if grouped else num_heads,
+        flow_head_head_dim=FLOW_HEAD_HEAD_DIM,
+        flow_head_intermediate_size=intermediate_size,
+    )
+
+
+def load_qwen2(qwen_path: str | Path, dtype: torch.dtype | None) -> Qwen2ForCausalLM:
+    """The Qwen2ForCausalLM of `qwen_path`; raises a `ValueError` unless the folder holds exactly its weights."""
+    qwen, loading_info = Qwen2ForCausalLM.from_pretrained(qwen_path, dtype=dtype, output_loading_info=True)
+    problems = {title: list(loading_info[key]) for title, key in LOADING_PROBLEMS.items() if loading_info[key]}
+    if problems:
+        details = "; ".join(f"{title}: {keys}" for title, keys in problems.items())
+        raise ValueError(f"{qwen_path} does not hold the weights of a Qwen2ForCausalLM ({details})")
+    return qwen
+
+
+@torch.no_grad()
+def initialise_new_parts(model: Tuna2ForConditionalGeneration, dtype: torch.dtype):
+    """Creates, part by part in fp32 and then cast to `dtype`, everything that does not come from the LLM, with the
+    official initialisation (see the module docstring): PyTorch's defaults, then the model's own `_init_weights`
+    overrides (xavier patch convolution, N(0, 0.02) timestep weights, zero adaLN and final layer, mask token)."""
+    parts = [model.model.patch_embed, model.model.time_embed, *model.flow_head.layers, model.flow_head.final_layer]
+    for part in parts:
+        part.to_empty(device="cpu")
+        for module in part.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.RMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, Qwen2RMSNorm):
+                nn.init.ones_(module.weight)
+        # The model's own overrides: xavier patch convolution, zero adaLN and final layer.
+        for module in part.modules():
+            if isinstance(module, (Tuna2ZeroInitLinear, nn.Conv2d)):
+                model._init_weights(module)
+        if part is model.model.time_embed:  # official: N(0, 0.02) weights, PyTorch's default biases
+            for linear in (part.mlp[0], part.mlp[2]):
+                nn.init.normal_(linear.weight, std=0.02)
+        part.to(dtype)
+    model.model.mask_token = nn.Parameter(torch.empty(1, 1, model.config.text_config.hidden_size, dtype=dtype))
+    model._init_weights(model.model)  # the mask token
+    still_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if still_meta:
+        raise RuntimeError(f"weights left uninitialised: {still_meta}")
+
+
+def init_from_qwen2(
+    qwen_path: str | Path,
+    output_layout: str = "patch",
+    flow_head_layers: int = 16,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> tuple[Tuna2ForConditionalGeneration, Tuna2Processor]:
+    """A new Tuna-2 on the Qwen2 model of `qwen_path`, in `dtype` (default: the Qwen2 checkpoint's)."""
+    torch.manual_seed(seed)
+    tokenizer = load_official_tokenizer(qwen_path)
+    text_config = load_text_config(qwen_path)
+    dtype = dtype or text_config.dtype or torch.float32
+    qwen = load_qwen2(qwen_path, dtype)
+    qwen.resize_token_embeddings(len(tokenizer))  # the official call: truncates, or grows with mean-resizing
+    shape = flow_head_shape(text_config.hidden_size, text_config.intermediate_size, flow_head_layers)
+    config = tuna2_config(qwen.config, tokenizer, output_layout=output_layout, **shape)
+    with torch.device("meta"):
+        model = Tuna2ForConditionalGeneration(config)
+    # The language model's modules are taken over as they are: no copy of the LLM weights.
+    model.model.language_model = qwen.model
+    model.lm_head = qwen.lm_head
+    initialise_new_parts(model, dtype)
+    model.generation_config = understanding_generation_config(config, tokenizer)
+    return model.eval(), tuna2_processor(tokenizer, config)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--qwen", required=True, help="Qwen2 / Qwen2.5(-Instruct) folder: weights, config, tokenizer")
+    parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument("--output-layout", choices=OUTPUT_LAYOUTS, default="patch", help="default: patch")
+    parser.add_argument("--flow-head-layers", type=int, default=16, help="flow-head blocks (default: 16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtype of the Qwen2 checkpoint")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new parts' initialisation (default: 0)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    output = Path(args.output)
+    check_output_folder(output)
+    model, processor = init_from_qwen2(
+        args.qwen,
+        output_layout=args.output_layout,
+        flow_head_layers=args.flow_head_layers,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        seed=args.seed,
+    )
+    Tuna2Pipeline(model=model, processor=processor).save_pretrained(output, max_shard_size=args.max_shard_size)
+    print(f"Wrote {output}: {model.num_parameters():,} parameters")
+
+
+if __name__ == "__main__":
+    main()
