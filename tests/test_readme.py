@@ -54,7 +54,8 @@ def test_readme_pipeline_example_runs(tmp_path, tokenizer):
 
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     example = next(block for block in blocks if "Tuna2Pipeline.from_pretrained" in block)
-    Tuna2Pipeline(model=tiny_model(tokenizer), processor=build_processor(tokenizer)).save_pretrained(tmp_path)
+    processor = build_processor(tokenizer, size={"height": 64, "width": 48})  # the default size of generated images
+    Tuna2Pipeline(model=tiny_model(tokenizer), processor=processor).save_pretrained(tmp_path)
     namespace = {"path": str(tmp_path), "dtype": torch.float32, "device": "cpu"}
     exec(compile(example, "README.md", "exec"), namespace)
-    assert namespace["image"].size == (512, 512) and namespace["edited"].size == (512, 512)
+    assert namespace["image"].size == (48, 64) and namespace["edited"].size == (48, 64)
