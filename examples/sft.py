@@ -61,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (official: 1.0)")
     parser.add_argument("--image-size", type=int, default=None, help="fixed size of generated images (else buckets)")
     parser.add_argument("--resolution", choices=["512", "1024"], default="512", help="bucket class")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="empty-prompt rate for t2i/edit (CFG)")
@@ -135,7 +136,7 @@ def main(argv=None):
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         adam_beta2=0.95,
-        max_grad_norm=1.0,
+        max_grad_norm=args.max_grad_norm,
         lr_scheduler_type="constant_with_warmup",
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,

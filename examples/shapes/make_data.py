@@ -37,7 +37,7 @@ def build(output: Path, seed: int, num_t2i: int, num_mmu: int, num_edit: int) ->
     for _ in range(num_mmu):
         scene = random_scene(rng, triples, rng.choice((1, 1, 2, 3)))
         turns = []
-        for question, answer in questions(scene, rng)[:4]:
+        for question, answer in questions(scene, rng)[:8]:
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         mmu.append({"image": save(scene), "conversations": turns})
     edit = []
