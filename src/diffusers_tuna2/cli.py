@@ -71,13 +71,9 @@ def image_size(args, pipe) -> tuple[int, int]:
     return (size["height"], size["width"]) if size else (512, 512)
 
 
-def generator(args, device):
+def draw(args, image=None):
     import torch
 
-    return torch.Generator("cpu").manual_seed(args.seed)
-
-
-def draw(args, image=None):
     pipe = load_pipeline(args)
     height, width = image_size(args, pipe)
     prompt = args.instruction if image is not None else args.prompt
@@ -88,7 +84,7 @@ def draw(args, image=None):
         width=width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
-        generator=generator(args, pipe.device),
+        generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise, as the official sampler
     ).images[0]
     result.save(args.output)
     print(args.output)
