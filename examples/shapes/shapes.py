@@ -2,7 +2,7 @@
 and answers, edit instructions), the held-out split, and a deterministic pixel analyser that reads a scene back from
 an image.
 
-Scenes are 64x64 images on a white background with one to three shapes (circle, square, triangle) in six colours at
+Scenes are 64x64 images on a plain mid-grey background with one to three shapes (circle, square, triangle) in six colours at
 five positions (left, right, top, bottom, center), drawn 14-18 px wide with up to 1 px of jitter, so that shapes at
 different positions never overlap.
 """
@@ -15,7 +15,9 @@ import PIL.Image
 import PIL.ImageDraw
 
 SIZE = 64
-BACKGROUND = (255, 255, 255)
+# Mid-grey, about 0 in the model's [-1, 1] pixel space: on white, every patch shares a large constant input that the
+# patch embedding's RMSNorm turns into nearly identical tokens, and a small model learns colours very slowly.
+BACKGROUND = (128, 128, 128)
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -146,7 +148,7 @@ def analyse(image) -> list[Shape]:
     pixels = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image, dtype=np.float64)
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
     names = list(COLOURS)
-    foreground = np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) > 90
+    foreground = np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) > 60
     nearest = np.linalg.norm(pixels[..., None, :] - palette, axis=-1).argmin(-1)
     found = []
     for index, name in enumerate(names):
