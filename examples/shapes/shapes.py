@@ -3,8 +3,8 @@ and answers, edit instructions), the held-out split, and a deterministic pixel a
 an image.
 
 Scenes are 64x64 images on a plain mid-grey background with one to three shapes (circle, square, triangle) in six
-colours at five positions (left, right, top, bottom, center), drawn 14-18 px wide with up to 1 px of jitter, so that shapes at
-different positions never overlap.
+colours at five positions (left, right, top, bottom, center), drawn 14-18 px wide with up to 1 px of jitter, so that
+shapes at different positions never overlap.
 """
 
 import random
