@@ -134,12 +134,57 @@ def library_interfaces(model_path: str, steps: int = 50):
     return generate, edit, ask
 
 
+def command_line_interfaces(model_path: str, workdir: Path, steps: int = 50):
+    """The same three callables through the `tuna2` command (its `main`, in this process)."""
+    import contextlib
+    import io
+
+    from diffusers_tuna2.cli import main as tuna2
+
+    counter = iter(range(10**9))
+
+    def run(*argv) -> str:
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            if tuna2([*argv, "--model", model_path]) != 0:
+                raise RuntimeError(f"tuna2 {' '.join(argv)} failed")
+        return stdout.getvalue()
+
+    def saved(image) -> str:
+        path = workdir / f"{next(counter)}.png"
+        image.save(path)
+        return str(path)
+
+    def generate(prompt, seed):
+        out = workdir / f"{next(counter)}.png"
+        run("generate", prompt, "-o", str(out), "--seed", str(seed), "--steps", str(steps))
+        return PIL.Image.open(out)
+
+    def edit(image, instruction, seed):
+        out = workdir / f"{next(counter)}.png"
+        run("edit", saved(image), instruction, "-o", str(out), "--seed", str(seed), "--steps", str(steps))
+        return PIL.Image.open(out)
+
+    def ask(image, question):
+        return run("ask", saved(image), question)
+
+    return generate, edit, ask
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--through", choices=["libraries", "cli"], default="libraries")
     args = parser.parse_args()
-    for task, accuracy in score(*library_interfaces(args.model, args.steps)).items():
+    if args.through == "cli":
+        import tempfile
+
+        workdir = Path(tempfile.mkdtemp())
+        interfaces = command_line_interfaces(args.model, workdir, args.steps)
+    else:
+        interfaces = library_interfaces(args.model, args.steps)
+    for task, accuracy in score(*interfaces).items():
         print(f"{task}: {accuracy:.1%}")
 
 
