@@ -60,6 +60,12 @@ def parse_args(argv=None):
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument(
+        "--lr-scheduler",
+        choices=["constant_with_warmup", "cosine", "linear"],
+        default="constant_with_warmup",
+        help="official: constant after a linear warmup",
+    )
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (official: 1.0)")
     parser.add_argument("--image-size", type=int, default=None, help="fixed size of generated images (else buckets)")
@@ -137,7 +143,7 @@ def main(argv=None):
         weight_decay=args.weight_decay,
         adam_beta2=0.95,
         max_grad_norm=args.max_grad_norm,
-        lr_scheduler_type="constant_with_warmup",
+        lr_scheduler_type=args.lr_scheduler,
         logging_steps=args.logging_steps,
         save_steps=args.save_steps,
         seed=args.seed,
