@@ -21,7 +21,8 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from .modeling_tuna2 import Tuna2ImageRole, stack_if_same_size
+from .image_processing_tuna2 import stack_if_same_size
+from .modeling_tuna2 import Tuna2ImageRole
 from .processing_tuna2 import Tuna2Processor
 
 logger = logging.getLogger(__name__)

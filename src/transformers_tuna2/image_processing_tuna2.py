@@ -135,9 +135,9 @@ class Tuna2ImageProcessor(BaseImageProcessor):
             image = self.resize(image, self.target_size(image.height, image.width, resolution, size), resize_mode)
             array = np.asarray(image, dtype=np.float32) / 255.0
             pixel_values.append((torch.from_numpy(array).permute(2, 0, 1) - 0.5) / 0.5)
-        if len({tuple(p.shape) for p in pixel_values}) == 1:
-            pixel_values = torch.stack(pixel_values)
-        return BatchFeature({"pixel_values": pixel_values}, skip_tensor_conversion=["pixel_values"])
+        return BatchFeature(
+            {"pixel_values": stack_if_same_size(pixel_values)}, skip_tensor_conversion=["pixel_values"]
+        )
 
     @staticmethod
     def postprocess(images: torch.Tensor, output_type: str = "pil"):
@@ -152,6 +152,11 @@ class Tuna2ImageProcessor(BaseImageProcessor):
         if output_type == "pil":
             return [PIL.Image.fromarray(image) for image in array]
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+
+def stack_if_same_size(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One `(n, C, H, W)` tensor when all images share a size, else the list (the layout of `pixel_values`)."""
+    return torch.stack(images) if len({tuple(image.shape) for image in images}) == 1 else images
 
 
 def flatten_images(images) -> list:

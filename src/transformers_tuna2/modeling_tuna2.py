@@ -27,6 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attenti
 
 from .configuration_tuna2 import Tuna2Config
 from .flow_matching import noisy_image, sample_training_t, v_loss_weight
+from .image_processing_tuna2 import stack_if_same_size
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image spans
@@ -96,11 +97,6 @@ def make_image_list(pixel_values: torch.Tensor | list[torch.Tensor]) -> list[tor
         if not isinstance(image, torch.Tensor) or image.ndim != 3:
             raise ValueError("pixel_values given as a list must hold (channels, height, width) tensors")
     return images
-
-
-def stack_if_same_size(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """One `(n, C, H, W)` tensor when all images share a size, else the list."""
-    return torch.stack(images) if len({tuple(image.shape) for image in images}) == 1 else images
 
 
 def check_image_sizes(images: list[torch.Tensor], patch_size: int, num_channels: int) -> list[tuple[int, int]]:
@@ -689,6 +685,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        image_spans: Tuna2ImageSpans | None = None,
         **kwargs,
     ) -> Tuna2ModelOutputWithPast:
         r"""
@@ -701,6 +698,8 @@ class Tuna2Model(Tuna2PreTrainedModel):
             Flow time of each image; t=1 (clean) by default.
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding. Position ids follow it when not given.
+        image_spans (`Tuna2ImageSpans`, *optional*):
+            The spans of `input_ids`, when the caller has already read them.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -719,9 +718,9 @@ class Tuna2Model(Tuna2PreTrainedModel):
                 f"max_position_embeddings ({max_positions})"
             )
 
-        spans = (
-            Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id) if input_ids is not None else None
-        )
+        spans = image_spans
+        if spans is None and input_ids is not None:
+            spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id)
         time_embeds = None
         if pixel_values is not None:
             span_embeds, time_embeds = self.get_image_features(pixel_values, timesteps)
@@ -1029,6 +1028,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             past_key_values=llm_cache,
             use_cache=prefix_cache is not None,
+            image_spans=spans,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
