@@ -4,7 +4,9 @@ Run `python conversion/convert_tuna2_to_hf.py --help` for the options (also `tun
 the code lives in `diffusers_tuna2.conversion.convert_tuna2_to_hf`.
 """
 
+import sys
+
 from diffusers_tuna2.conversion.convert_tuna2_to_hf import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

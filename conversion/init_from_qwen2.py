@@ -4,7 +4,9 @@ Run `python conversion/init_from_qwen2.py --help` for the options (also `tuna2 i
 the code lives in `diffusers_tuna2.conversion.init_from_qwen2`.
 """
 
+import sys
+
 from diffusers_tuna2.conversion.init_from_qwen2 import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

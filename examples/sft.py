@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback, set_seed
 from trl import SFTConfig
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
@@ -58,6 +58,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=1, help="per device")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument(
+        "--group-by-task",
+        action="store_true",
+        help="one task per micro-batch (little padding), tasks taking turns by weight; with gradient accumulation, "
+        "each optimizer step sums micro-batches of different tasks",
+    )
     parser.add_argument("--learning-rate", type=float, default=2e-5)
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument(
@@ -116,7 +122,12 @@ def main(argv=None):
     weights = {**OFFICIAL_WEIGHTS, **key_values(args.weights, "--weights", float)}
     samples_needed = args.max_steps * args.batch_size * args.gradient_accumulation_steps
     dataset = Tuna2MixtureDataset(
-        streams, weights, length=samples_needed, seed=args.seed, skip_bad_samples=args.skip_bad_samples
+        streams,
+        weights,
+        length=samples_needed,
+        seed=args.seed,
+        skip_bad_samples=args.skip_bad_samples,
+        task_batch_size=args.batch_size if args.group_by_task else None,
     )
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -150,6 +161,8 @@ def main(argv=None):
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=args.num_workers,
+        # The mixture dataset shuffles by itself; read in order, its task blocks stay whole micro-batches.
+        train_sampling_strategy="sequential" if args.group_by_task else "random",
         use_cpu=not torch.cuda.is_available(),
         report_to=args.report_to,
         remove_unused_columns=False,
@@ -171,6 +184,7 @@ def main(argv=None):
         ),
         processing_class=processor,
         peft_config=peft_config,
+        callbacks=[SavePipelineFiles(args.model)] if args.no_lora else None,
     )
     try:
         trainer.train()
@@ -183,6 +197,22 @@ def main(argv=None):
         path.write_text(json.dumps(losses))
     trainer.accelerator.wait_for_everyone()
     save(trainer, processor, args)
+
+
+class SavePipelineFiles(TrainerCallback):
+    """Full fine-tuning: every `checkpoint-N` folder also gets `scheduler/` and `model_index.json` (the input
+    checkpoint's default negative prompts), so that `Tuna2Pipeline.from_pretrained` loads it as it is."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.is_world_process_zero:
+            from diffusers_tuna2 import Tuna2Pipeline
+
+            defaults = Tuna2Pipeline.sampling_defaults(self.model_path)
+            pipe = Tuna2Pipeline(model=model, processor=processing_class, **defaults)
+            pipe.save_scheduler_and_index(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def save(trainer: Tuna2SFTTrainer, processor, args):

@@ -67,7 +67,7 @@ def test_same_seed_same_image(checkpoint, tmp_path):
         (["generate", "x", "-o", "o.png", "--size", "30x32"], "multiples of the patch size"),
         (["generate", "x", "-o", "o.png", "--size", "big"], "--size must look like"),
         (["generate", "x", "-o", "o.png", "--steps", "0"], "`num_inference_steps` must be an integer >= 1"),
-        (["generate", "x", "-o", "o.png", "--model", "no/such/folder"], "no/such/folder"),
+        (["generate", "x", "-o", "o.png", "--model", "no/such/folder"], "no such folder: no/such/folder"),
     ],
 )
 def test_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch, argv, message):

@@ -1,6 +1,7 @@
 import PIL.Image
 import pytest
 import torch
+from transformers import AutoProcessor, AutoTokenizer
 
 from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
 
@@ -103,3 +104,33 @@ def test_placeholder_and_image_counts_must_match(processor):
         processor(text="<|image_pad|>")
     with pytest.raises(ValueError, match="0 image placeholders .* but 1 images"):
         processor(text="no image here", images=[PIL.Image.new("RGB", (8, 8))])
+
+
+def test_saved_processor_pads_on_the_left_so_batched_generation_matches_one_by_one(tokenizer, model, tmp_path):
+    """With no padding argument anywhere, a batch of chats of different lengths, one image each, generates what each
+    chat generates alone: the processor saved with a model pads on the left."""
+    build_processor(tokenizer, size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert processor.tokenizer.padding_side == "left"
+    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"  # written to tokenizer_config.json
+
+    def chat(colour, question):
+        image = PIL.Image.new("RGB", (32, 32), colour)
+        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+
+    conversations = [chat("red", "What colour?"), chat("blue", "How many shapes are there? Where is the square?")]
+    template_kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    batch = processor.apply_chat_template(conversations, padding=True, **template_kwargs)
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[:, -1].all()
+    with torch.no_grad():
+        batched = model.generate(**batch, do_sample=False, max_new_tokens=5)[:, batch.input_ids.shape[1] :]
+        for row, conversation in enumerate(conversations):
+            alone = processor.apply_chat_template(conversation, **template_kwargs)
+            expected = model.generate(**alone, do_sample=False, max_new_tokens=5)[0, alone.input_ids.shape[1] :]
+            assert batched[row].tolist() == expected.tolist()
+
+
+def test_a_tokenizer_created_with_a_padding_side_keeps_it(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    right = AutoTokenizer.from_pretrained(tmp_path, padding_side="right")
+    assert build_processor(right).tokenizer.padding_side == "right"

@@ -14,7 +14,7 @@ from trl import SFTConfig
 
 from diffusers_tuna2 import Tuna2Pipeline
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageRole
-from transformers_tuna2.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_jsonl
+from transformers_tuna2.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, Tuna2Sample, read_jsonl
 from transformers_tuna2.training import Tuna2SFTTrainer, lora_target_modules
 
 from tiny import build_processor, tiny_config, tiny_model
@@ -386,3 +386,83 @@ def test_two_process_cpu_run_of_sft_script(tmp_path, tokenizer, train_processor,
     assert [entry["loss"] for entry in logs[0]] == [entry["loss"] for entry in logs[1]]
     saved = Tuna2Pipeline.from_pretrained(tmp_path / "out")
     assert isinstance(saved.model, Tuna2ForConditionalGeneration)
+
+
+# ---------------------------------------------------------------------------------------------------- task batches
+
+
+def synthetic_streams(sizes: dict[str, int]) -> dict:
+    """Streams of PIL-free text samples (loading them reads no file), `sizes[task]` samples each."""
+    return {
+        task: [Tuna2Sample(task, f"{task}:{i}", text=f"{task} {i}") for i in range(size)]
+        for task, size in sizes.items()
+    }
+
+
+def test_task_batches_hold_one_task_and_take_turns_by_weight():
+    streams = synthetic_streams({"t2i": 10, "mmu": 7, "edit": 5})
+    weights = {"t2i": 0.5, "mmu": 0.25, "edit": 0.25}
+    dataset = Tuna2MixtureDataset(streams, weights, length=4 * 40, seed=1, task_batch_size=4)
+    blocks = [[dataset[4 * b + i]["sample"].task for i in range(4)] for b in range(40)]
+    assert all(len(set(block)) == 1 for block in blocks)
+    tasks = [block[0] for block in blocks]
+    # Smooth round-robin: every window of four blocks is t2i twice, mmu once, edit once (joint updates under
+    # gradient accumulation over 4 micro-batches), and so are the totals.
+    for start in range(0, 40, 4):
+        window = tasks[start : start + 4]
+        assert (window.count("t2i"), window.count("mmu"), window.count("edit")) == (2, 1, 1)
+
+
+def test_task_batches_read_each_stream_in_whole_shuffled_passes():
+    streams = synthetic_streams({"t2i": 6, "mmu": 9})
+    dataset = Tuna2MixtureDataset(streams, {"t2i": 1.0, "mmu": 1.0}, length=3 * 36, seed=0, task_batch_size=3)
+    drawn = {"t2i": [], "mmu": []}
+    for index in range(len(dataset)):
+        sample = dataset[index]["sample"]
+        drawn[sample.task].append(sample.origin)
+    for task, origins in drawn.items():
+        size = len(streams[task])
+        passes = [origins[k : k + size] for k in range(0, len(origins) - size + 1, size)]
+        assert len(passes) >= 2
+        assert all(sorted(p) == sorted(s.origin for s in streams[task]) for p in passes)  # every sample once
+        assert passes[0] != passes[1]  # reshuffled between passes
+    # Reproducible from the seed and the index, in any order of access.
+    again = Tuna2MixtureDataset(streams, {"t2i": 1.0, "mmu": 1.0}, length=3 * 36, seed=0, task_batch_size=3)
+    assert [again[i]["sample"].origin for i in reversed(range(30))] == [
+        dataset[i]["sample"].origin for i in reversed(range(30))
+    ]
+
+
+def test_mixed_batches_follow_the_weights():
+    streams = synthetic_streams({"t2i": 10, "mmu": 10, "edit": 10, "text": 10})
+    weights = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}
+    dataset = Tuna2MixtureDataset(streams, weights, length=4000, seed=0)
+    counts = {task: 0 for task in weights}
+    for index in range(len(dataset)):
+        counts[dataset[index]["sample"].task] += 1
+    for task, weight in weights.items():
+        assert abs(counts[task] / len(dataset) - weight) < 0.03, counts
+
+
+def test_task_batches_through_the_trainer(tokenizer, train_processor, data, tmp_path):
+    """Read in order, each micro-batch the Trainer builds holds one task, and less padding than mixed batches."""
+    streams = {task: read_jsonl(path, task) for task, path in data.items()}
+    grouped = Tuna2MixtureDataset(streams, length=4 * 8, task_batch_size=4)
+    trainer = trainer_for(
+        tiny_model(tokenizer), train_processor, data, tmp_path, 8, 4, 1e-3, train_sampling_strategy="sequential"
+    )
+    trainer.train_dataset = grouped.to_hf_dataset()
+    padding = []
+    for batch in trainer.get_train_dataloader():
+        roles = batch.get("image_roles")
+        has_target = roles is not None and (roles == int(Tuna2ImageRole.TARGET)).any()
+        has_understanding = roles is not None and (roles == int(Tuna2ImageRole.UNDERSTANDING)).any()
+        has_condition = roles is not None and (roles == int(Tuna2ImageRole.CONDITION)).any()
+        assert not (has_target and has_understanding) and not (has_understanding and has_condition)
+        padding.append((batch["attention_mask"] == 0).sum().item())
+    mixed = Tuna2Collator(train_processor, image_size=32)
+    mixed_dataset = mixture(data, 4 * 8)
+    mixed_padding = sum(
+        (mixed([mixed_dataset[4 * b + i] for i in range(4)])["attention_mask"] == 0).sum().item() for b in range(8)
+    )
+    assert len(padding) == 8 and sum(padding) < mixed_padding

@@ -1,10 +1,13 @@
-"""Held-out evaluation of the shapes demo: generation, understanding and editing on colour-shape-position
-combinations never seen in training, judged by the pixel analyser of `shapes.py`.
+"""Evaluation of the shapes demo on fresh scenes and seeds: generation, answers (by question type) and edits, on
+held-out colour-shape-position combinations (never drawn nor named in training) and on training combinations
+(new renders, new seeds), judged by the pixel analyser of `shapes.py`.
 
-    python examples/shapes/evaluate.py --model shapes-demo
+    python examples/shapes/evaluate.py --model shapes-demo                  # Tuna2Pipeline + AutoModel generate()
+    python examples/shapes/evaluate.py --model shapes-demo --through cli    # the same cases through `tuna2`
 """
 
 import argparse
+import json
 import random
 import sys
 from dataclasses import replace
@@ -22,81 +25,109 @@ from shapes import (  # noqa: E402
     caption,
     held_out_triples,
     questions,
-    random_scene,
     random_shape,
     render,
     training_triples,
 )
 
 EVALUATION_SEED = 1234
+SPLITS = ("held_out", "in_distribution")
+# The shipping floor (every case) and the goal (held-out combinations), as fractions.
+FLOOR = {"generation": 0.8, "answers": 0.8, "answers_per_type": 0.6, "edits": 0.5}
+GOAL = {"generation": 0.9, "answers": 0.9, "edits": 0.8}
 
 
-def generation_cases(seed: int = 0) -> list[tuple[str, Shape, int]]:
-    """(prompt, expected shape, sampling seed): every held-out triple, twice."""
-    return [
-        (caption(Shape(*triple)), Shape(*triple), repeat)
-        for triple in sorted(held_out_triples(seed))
-        for repeat in (0, 1)
-    ]
+def split_triples(split: str, count: int = 12) -> list[tuple[str, str, str]]:
+    """The 12 held-out triples, or 12 training triples drawn with the evaluation seed."""
+    if split == "held_out":
+        return sorted(held_out_triples())
+    return random.Random(EVALUATION_SEED).sample(training_triples(), count)
 
 
-def question_cases(seed: int = 0) -> list[tuple[PIL.Image.Image, str, str]]:
-    """(image, question, answer) on scenes that each hold at least one held-out triple."""
-    rng = random.Random(EVALUATION_SEED)
-    held = sorted(held_out_triples(seed))
-    everything = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+def generation_cases(split: str) -> list[tuple[str, Shape, int]]:
+    """(prompt, expected shape, sampling seed): each triple of the split with two sampling seeds."""
+    return [(caption(Shape(*t)), Shape(*t), seed) for t in split_triples(split) for seed in (101, 202)]
+
+
+def question_cases(split: str) -> list[tuple[PIL.Image.Image, str, str, str]]:
+    """(image, question type, question, answer): a fresh render of each triple of the split, every question."""
+    rng = random.Random(f"{EVALUATION_SEED}/questions/{split}")
     cases = []
-    for triple in held:
-        scene = [random_shape(rng, triple)]
-        cases += [(render(scene), question, answer) for question, answer in questions(scene, rng)[:2]]
-    while len(cases) < 48:
-        scene = random_scene(rng, everything, rng.choice((2, 3)))
-        if any(item.triple in held_out_triples(seed) for item in scene):
-            cases += [(render(scene), question, answer) for question, answer in questions(scene, rng)[:2]]
+    for triple in split_triples(split):
+        item = random_shape(rng, triple)
+        cases += [(render([item]), kind, question, answer) for kind, question, answer in questions(item)]
     return cases
 
 
-def edit_cases(seed: int = 0) -> list[tuple[PIL.Image.Image, str, Shape]]:
-    """(source image, instruction, expected shape): edits from a training combination into a held-out one."""
-    rng = random.Random(EVALUATION_SEED + 1)
+def edit_cases(split: str) -> list[tuple[PIL.Image.Image, str, Shape]]:
+    """(source image, instruction, expected shape): for each triple of the split as the target, a colour change, a
+    shape change and a move from a training combination (a fresh render)."""
+    rng = random.Random(f"{EVALUATION_SEED}/edits/{split}")
+    allowed = set(training_triples())
     cases = []
-    for colour, shape, position in sorted(held_out_triples(seed)):
-        source_colour = next(c for c in COLOURS if c != colour and (c, shape, position) in training_triples(seed))
-        source = random_shape(rng, (source_colour, shape, position))
-        cases.append((render([source]), f"make the {shape} {colour}", replace(source, colour=colour)))
-        source_position = next(p for p in POSITIONS if p != position and (colour, shape, p) in training_triples(seed))
-        source = random_shape(rng, (colour, shape, source_position))
-        cases.append((render([source]), f"move the {shape} to the {position}", replace(source, position=position)))
+    for colour, shape, position in split_triples(split):
+        target = random_shape(rng, (colour, shape, position))
+        sources = {
+            f"make the {shape} {colour}": [replace(target, colour=c) for c in COLOURS if c != colour],
+            "turn the {} into a " + shape: [replace(target, shape=s) for s in SHAPES if s != shape],
+            f"move the {shape} to the {position}": [replace(target, position=p) for p in POSITIONS if p != position],
+        }
+        for instruction, candidates in sources.items():
+            source = rng.choice([c for c in candidates if c.triple in allowed])
+            cases.append((render([source]), instruction.format(source.shape), target))
     return cases
 
 
-def judge_generation(image, expected: Shape) -> bool:
+def judge_image(image, expected: Shape) -> bool:
+    """Exactly one shape, of the expected colour, kind and position."""
     found = analyse(image)
-    return bool(found) and (found[0].colour, found[0].shape) == (expected.colour, expected.shape)
+    return len(found) == 1 and found[0].triple == expected.triple
 
 
 def judge_answer(answer: str, expected: str) -> bool:
     return answer.strip().strip(".").lower() == expected
 
 
-def judge_edit(image, expected: Shape) -> bool:
-    """The requested change happened and nothing else changed: exactly one shape, the expected colour, shape and
-    position."""
-    found = analyse(image)
-    return len(found) == 1 and found[0].triple == expected.triple
+def fraction(results: list[bool]) -> float:
+    return sum(results) / len(results)
 
 
-def score(generate, edit, ask) -> dict[str, float]:
-    """Accuracies of three callables: `generate(prompt, seed) -> image`, `edit(image, instruction, seed) -> image`
-    and `ask(image, question) -> answer`."""
-    generated = [judge_generation(generate(prompt, seed), shape) for prompt, shape, seed in generation_cases()]
-    edited = [judge_edit(edit(image, instruction, 0), shape) for image, instruction, shape in edit_cases()]
-    answered = [judge_answer(ask(image, question), answer) for image, question, answer in question_cases()]
-    return {
-        "generation": sum(generated) / len(generated),
-        "understanding": sum(answered) / len(answered),
-        "editing": sum(edited) / len(edited),
-    }
+def score(generate, edit, ask, limit: int | None = None, splits=SPLITS) -> dict:
+    """Accuracies of three callables, `generate(prompt, seed) -> image`, `edit(image, instruction, seed) -> image`
+    and `ask(image, question) -> answer`, per split, with the answers also per question type. `limit` keeps the
+    first cases of each list (a quick subset)."""
+    report = {}
+    for split in splits:
+        generated = [judge_image(generate(p, seed), shape) for p, shape, seed in generation_cases(split)[:limit]]
+        edited = [judge_image(edit(image, text, 0), shape) for image, text, shape in edit_cases(split)[:limit]]
+        by_type = {}
+        for image, kind, question, answer in question_cases(split)[: limit and 3 * limit]:
+            by_type.setdefault(kind, []).append(judge_answer(ask(image, question), answer))
+        report[split] = {
+            "generation": fraction(generated),
+            "answers": fraction([r for results in by_type.values() for r in results]),
+            **{f"answers_{kind}": fraction(results) for kind, results in by_type.items()},
+            "edits": fraction(edited),
+            "cases": {"generation": len(generated), "answers": sum(map(len, by_type.values())), "edits": len(edited)},
+        }
+    if len(splits) == len(SPLITS):
+        # Both splits have the same number of cases per task, so the overall figure is the mean.
+        report["all"] = {
+            key: sum(report[split][key] for split in SPLITS) / len(SPLITS)
+            for key in report[SPLITS[0]]
+            if key != "cases"
+        }
+    return report
+
+
+def meets_floor(figures: dict) -> bool:
+    per_type = [value for key, value in figures.items() if key.startswith("answers_")]
+    return (
+        figures["generation"] >= FLOOR["generation"]
+        and figures["answers"] >= FLOOR["answers"]
+        and min(per_type) >= FLOOR["answers_per_type"]
+        and figures["edits"] >= FLOOR["edits"]
+    )
 
 
 def library_interfaces(model_path: str, steps: int = 50):
@@ -134,19 +165,21 @@ def library_interfaces(model_path: str, steps: int = 50):
     return generate, edit, ask
 
 
-def command_line_interfaces(model_path: str, workdir: Path, steps: int = 50):
-    """The same three callables through the `tuna2` command (its `main`, in this process)."""
+def command_line_interfaces(model_path: str | None, workdir: Path, steps: int = 50):
+    """The same three callables through the `tuna2` command (its `main`, in this process); `model_path=None` uses
+    the command's default model."""
     import contextlib
     import io
 
     from diffusers_tuna2.cli import main as tuna2
 
     counter = iter(range(10**9))
+    model_args = ["--model", model_path] if model_path else []
 
     def run(*argv) -> str:
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            if tuna2([*argv, "--model", model_path]) != 0:
+            if tuna2([*argv, *model_args]) != 0:
                 raise RuntimeError(f"tuna2 {' '.join(argv)} failed")
         return stdout.getvalue()
 
@@ -171,21 +204,37 @@ def command_line_interfaces(model_path: str, workdir: Path, steps: int = 50):
     return generate, edit, ask
 
 
+def format_report(report: dict) -> str:
+    keys = [key for key in report[SPLITS[0]] if key != "cases"]
+    columns = [name for name in (*SPLITS, "all") if name in report]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{report[name][key]:.1%}" for name in columns) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped demo)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     parser.add_argument("--through", choices=["libraries", "cli"], default="libraries")
+    parser.add_argument("--limit", type=int, default=None, help="only the first cases of each list")
+    parser.add_argument("--json", default=None, help="also write the report to this file")
     args = parser.parse_args()
     if args.through == "cli":
         import tempfile
 
-        workdir = Path(tempfile.mkdtemp())
-        interfaces = command_line_interfaces(args.model, workdir, args.steps)
+        interfaces = command_line_interfaces(args.model, Path(tempfile.mkdtemp()), args.steps)
     else:
-        interfaces = library_interfaces(args.model, args.steps)
-    for task, accuracy in score(*interfaces).items():
-        print(f"{task}: {accuracy:.1%}")
+        from diffusers_tuna2 import demo_model_path
+
+        interfaces = library_interfaces(args.model or demo_model_path(), args.steps)
+    report = score(*interfaces, limit=args.limit)
+    print(format_report(report))
+    if "all" in report:
+        print(f"floor met: {meets_floor(report['all'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

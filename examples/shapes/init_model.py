@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import COLOURS, POSITIONS, SHAPES, SIZE  # noqa: E402
+from shapes import COLOURS, POSITIONS, QUESTIONS, SHAPES, SIZE  # noqa: E402
 
 from diffusers_tuna2 import Tuna2Pipeline  # noqa: E402
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2Processor  # noqa: E402
@@ -22,6 +22,7 @@ from transformers_tuna2.tokenization_utils import train_byte_level_tokenizer  # 
 
 def training_texts(data: Path) -> list[str]:
     texts = [DEFAULT_SYSTEM_PROMPT, "system user assistant", " ".join([*COLOURS, *SHAPES, *POSITIONS])]
+    texts += list(QUESTIONS.values())
     for line in (data / "t2i.jsonl").read_text().splitlines():
         texts.append(json.loads(line)["caption"])
     for line in (data / "mmu.jsonl").read_text().splitlines():
@@ -55,6 +56,8 @@ def demo_config(tokenizer) -> Tuna2Config:
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
         output_layout="patch",
+        # 64x64 images need less noise than the official 512x512 ones (JiT scales the noise with the resolution).
+        noise_scale=1.0,
         # A small model learning from scratch: no masked image modelling, no noise on understanding images.
         use_mask_token=False,
         understanding_noise_prob=0.0,

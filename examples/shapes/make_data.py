@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import caption, questions, random_edit, random_scene, random_shape, render, training_triples  # noqa: E402
+from shapes import Shape, caption, questions, random_edit, random_shape, render, training_triples  # noqa: E402
 
 
 def build(output: Path, seed: int, num_t2i: int, num_mmu: int, num_edit: int) -> dict[str, Path]:
@@ -31,15 +31,16 @@ def build(output: Path, seed: int, num_t2i: int, num_mmu: int, num_edit: int) ->
 
     t2i = []
     for _ in range(num_t2i):
-        item = random_shape(rng, rng.choice(triples))
+        # A caption names no size or offset: the image it asks for is the canonical drawing of its shape.
+        item = Shape(*rng.choice(triples))
         t2i.append({"image": save([item]), "caption": caption(item)})
     mmu = []
     for _ in range(num_mmu):
-        scene = random_scene(rng, triples, rng.choice((1, 1, 2, 3)))
+        item = random_shape(rng, rng.choice(triples))
         turns = []
-        for question, answer in questions(scene, rng)[:8]:
+        for _, question, answer in rng.sample(questions(item), 3):  # every question, in a random order
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        mmu.append({"image": save(scene), "conversations": turns})
+        mmu.append({"image": save([item]), "conversations": turns})
     edit = []
     for _ in range(num_edit):
         source = random_shape(rng, rng.choice(triples))
@@ -57,9 +58,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-t2i", type=int, default=4000)
-    parser.add_argument("--num-mmu", type=int, default=4000)
-    parser.add_argument("--num-edit", type=int, default=3000)
+    parser.add_argument("--num-t2i", type=int, default=6000)
+    parser.add_argument("--num-mmu", type=int, default=6000)
+    parser.add_argument("--num-edit", type=int, default=6000)
     args = parser.parse_args()
     for task, path in build(Path(args.output), args.seed, args.num_t2i, args.num_mmu, args.num_edit).items():
         print(f"{task}: {path}")

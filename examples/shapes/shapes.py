@@ -2,9 +2,9 @@
 and answers, edit instructions), the held-out split, and a deterministic pixel analyser that reads a scene back from
 an image.
 
-Scenes are 64x64 images on a plain mid-grey background with one to three shapes (circle, square, triangle) in six
-colours at five positions (left, right, top, bottom, center), drawn 14-18 px wide with up to 1 px of jitter, so that
-shapes at different positions never overlap.
+A scene is a 64x64 image on a plain mid-grey background with one shape (circle, square, triangle) in one of six
+colours at one of five positions (left, right, top, bottom, center), drawn 20-24 px wide with up to 2 px of jitter.
+(Earlier versions drew up to three smaller shapes per scene; see docs/demo.md for why the demo now uses one.)
 """
 
 import random
@@ -27,8 +27,8 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": (12, 32), "right": (52, 32), "top": (32, 12), "bottom": (32, 52), "center": (32, 32)}
-COUNTS = {1: "one", 2: "two", 3: "three"}
+POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
+QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Shape:
     colour: str
     shape: str
     position: str
-    size: int = 16
+    size: int = 22
     dx: int = 0
     dy: int = 0
 
@@ -68,7 +68,7 @@ def render(shapes: list[Shape]) -> PIL.Image.Image:
 
 def random_shape(rng: random.Random, triple: tuple[str, str, str]) -> Shape:
     colour, shape, position = triple
-    return Shape(colour, shape, position, size=rng.randint(14, 18), dx=rng.randint(-1, 1), dy=rng.randint(-1, 1))
+    return Shape(colour, shape, position, size=rng.randint(20, 24), dx=rng.randint(-2, 2), dy=rng.randint(-2, 2))
 
 
 def held_out_triples(seed: int = 0, count: int = 12) -> set[tuple[str, str, str]]:
@@ -91,14 +91,6 @@ def training_triples(seed: int = 0) -> list[tuple[str, str, str]]:
     return [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS if (c, s, p) not in held]
 
 
-def random_scene(rng: random.Random, triples: list[tuple[str, str, str]], count: int) -> list[Shape]:
-    """`count` shapes at distinct positions with distinct shape kinds (so that "the circle" names one shape)."""
-    while True:
-        chosen = rng.sample(triples, count)
-        if len({t[2] for t in chosen}) == count and len({t[1] for t in chosen}) == count:
-            return [random_shape(rng, triple) for triple in chosen]
-
-
 # ------------------------------------------------------------------------------------------------------- texts
 
 
@@ -106,19 +98,11 @@ def caption(item: Shape) -> str:
     return f"a {item.colour} {item.shape} {where(item.position)}"
 
 
-def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
-    """(question, one-word answer) pairs about a scene."""
-    pairs = [("How many shapes are there?", COUNTS[len(scene)])]
-    for item in scene:
-        pairs += [
-            (f"What colour is the {item.shape}?", item.colour),
-            (f"Where is the {item.colour} {item.shape}?", item.position),
-            (f"What shape is {where(item.position)}?", item.shape),
-        ]
-    if len(scene) == 1:
-        pairs += [("What colour is the shape?", scene[0].colour), ("What shape is it?", scene[0].shape)]
-    rng.shuffle(pairs)
-    return pairs
+def questions(item: Shape) -> list[tuple[str, str, str]]:
+    """(question type, question, one-word answer) about a one-shape scene. No question names the answer of
+    another, so that in a chat of several the answers come from the image only."""
+    answers = {"colour": item.colour, "shape": item.shape, "position": item.position}
+    return [(kind, question, answers[kind]) for kind, question in QUESTIONS.items()]
 
 
 def random_edit(rng: random.Random, source: Shape, allowed: set[tuple[str, str, str]]) -> tuple[str, Shape]:

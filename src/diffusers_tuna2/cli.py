@@ -1,5 +1,5 @@
-"""The `tuna2` command: generate, edit and ask with a Tuna-2 checkpoint (the embedded shapes demo by default), and
-convert official checkpoints.
+"""The `tuna2` command: generate, edit and ask with a Tuna-2 checkpoint (by default the shapes demo, when the package
+ships it), and convert official checkpoints.
 
     tuna2 generate "a red circle on the left" -o out.png
     tuna2 edit out.png "make the circle blue" -o edited.png
@@ -8,16 +8,66 @@ convert official checkpoints.
     tuna2 init --qwen Qwen2.5-7B-Instruct --output tuna2-7b-init
 """
 
+# torch, transformers, diffusers and PIL are imported inside the commands: `tuna2 --help` and argument errors stay
+# instant.
 import argparse
+import json
+import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-DEMO_MODEL = Path(__file__).parent / "demo_model"
+from diffusers_tuna2 import defaults
+
 SCRIPTS = {"convert": "convert an official checkpoint", "init": "start a new Tuna-2 from Qwen2.5"}
+# What can be a hub repo id: `name` or `org/name`. Anything else (`./x`, `~/x`, `/x`, `a/b/c`) is a local path.
+HUB_ID = re.compile(r"(?![.-])[\w.-]+(/(?![.-])[\w.-]+)?")
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+MODEL_TYPE = "tuna2"  # Tuna2Config.model_type, without importing transformers
+# Named in the -o error; any extension PIL can write is accepted.
+COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class CommandError(Exception):
     """A problem to report in one line."""
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an error from a library, whose messages can run over many lines."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- checking input
+
+
+def check_output(path: str):
+    """Fails before anything is loaded when the image could not be written: no such folder, or not an image name."""
+    import PIL.Image
+
+    output = Path(path)
+    if output.is_dir():
+        raise CommandError(f"-o {path} is a folder; give an image file name, such as {output / 'out.png'}")
+    if not output.parent.is_dir():
+        raise CommandError(f"-o {path}: no such folder: {output.parent}")
+    extensions = PIL.Image.registered_extensions()  # also loads the plugins, which fill PIL.Image.SAVE
+    writable = {ext for ext, image_format in extensions.items() if image_format in PIL.Image.SAVE}
+    if output.suffix.lower() not in writable:
+        common = ", ".join(ext for ext in COMMON_EXTENSIONS if ext in writable)
+        problem = f"{output.suffix!r} is not an image extension" if output.suffix else "no image extension"
+        raise CommandError(f"-o {path}: {problem}; use {common}")
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """--size HxW, or one side for a square."""
+    if size is None:
+        return None
+    height, _, width = size.lower().partition("x")
+    try:
+        return int(height), int(width or height)
+    except ValueError:
+        raise CommandError(f"--size must look like 512 or 448x576, got {size!r}") from None
 
 
 def load_image(path: str):
@@ -33,12 +83,62 @@ def load_image(path: str):
         raise CommandError(f"cannot read image {path}: {error}") from error
 
 
-def resolve_model(model: str | None) -> str:
-    if model is not None:
-        return model
-    if not (DEMO_MODEL / "config.json").is_file():
-        raise CommandError(f"the embedded demo model is missing ({DEMO_MODEL}); pass --model")
-    return str(DEMO_MODEL)
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, read at call time (huggingface_hub reads it once, at import)."""
+    return any(os.environ.get(name, "").upper() in TRUE_VALUES for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def demo_model() -> str | None:
+    """The shipped shapes demo's folder, or None when this installation has none."""
+    from diffusers_tuna2.demo import demo_model_path
+
+    try:
+        return demo_model_path()
+    except FileNotFoundError:
+        return None
+
+
+def resolve_model(model: str | None) -> Path:
+    """The checkpoint folder of --model: a local folder, a hub id (downloaded, or taken from the cache when offline),
+    or the shapes demo. A missing local folder fails at once instead of going through the hub's retries."""
+    if model is None:
+        demo = demo_model()
+        if demo is None:
+            raise CommandError("this installation has no shapes demo model; pass --model with a checkpoint folder")
+        return Path(demo)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CommandError(f"--model must be a checkpoint folder, not a file: {model}")
+    if not HUB_ID.fullmatch(model):
+        raise CommandError(f"no such folder: {model}")
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    try:
+        return Path(snapshot_download(model, local_files_only=offline))
+    except Exception as error:  # not on the hub, no network, gated, not in the cache when offline...
+        reason = "HF_HUB_OFFLINE is set and the hub cache does not hold it" if offline else first_line(error)
+        raise CommandError(f"no such folder: {model} (nor a model on the hub: {reason})") from None
+
+
+def check_checkpoint(path: Path):
+    """Reads config.json before loading anything: a missing or broken file, or another model, fails in one line (the
+    Auto classes would raise a long error or, with `auto_map`, ask whether to trust remote code)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CommandError(f"{path} is not a checkpoint folder: it has no config.json")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CommandError(f"{config_file} is not valid JSON: {error}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != MODEL_TYPE:
+        raise CommandError(f"{path} holds a {model_type!r} model, not a Tuna-2 checkpoint (model_type {MODEL_TYPE!r})")
 
 
 def settings(args):
@@ -49,36 +149,48 @@ def settings(args):
     return device, dtype
 
 
-def load_pipeline(args):
+def model_folder(args) -> Path:
+    """The checked checkpoint folder of --model, found before the heavy imports: a typo fails at once."""
+    path = resolve_model(args.model)
+    check_checkpoint(path)
+    return path
+
+
+def load(load_from: Callable, path: Path, device: str | None = None):
+    """`load_from(path)`, moved to `device`; whatever a damaged checkpoint raises (weights, tokenizer or processor
+    files) is reported in one line."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # keep the terminal for the denoising progress bar and errors
+    try:
+        loaded = load_from(path)
+    except Exception as error:
+        raise CommandError(f"cannot load the checkpoint in {path}: {first_line(error)}") from None
+    if device is None:
+        return loaded
+    try:
+        return loaded.to(device)
+    except (RuntimeError, AssertionError) as error:  # no such device, or torch built without it
+        raise CommandError(f"cannot use device {device!r}: {first_line(error)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+
+def draw(args, editing: bool = False):
+    check_output(args.output)
+    size = parse_size(args.size)
+    image = load_image(args.image) if editing else None
+    path = model_folder(args)
+    import torch
+
     from diffusers_tuna2 import Tuna2Pipeline
 
     device, dtype = settings(args)
-    path = resolve_model(args.model)
-    if not Path(path).exists() and "/" not in path:
-        raise CommandError(f"model not found: {path}")
-    return Tuna2Pipeline.from_pretrained(path, dtype=dtype).to(device)
-
-
-def image_size(args, pipe) -> tuple[int, int]:
-    """--size HxW (or a single side), else the processor's fixed size, else 512x512."""
-    if args.size:
-        height, _, width = args.size.lower().partition("x")
-        try:
-            return int(height), int(width or height)
-        except ValueError:
-            raise CommandError(f"--size must look like 512 or 448x576, got {args.size!r}") from None
-    size = pipe.processor.image_processor.size
-    return (size["height"], size["width"]) if size else (512, 512)
-
-
-def draw(args, image=None):
-    import torch
-
-    pipe = load_pipeline(args)
-    height, width = image_size(args, pipe)
-    prompt = args.instruction if image is not None else args.prompt
+    pipe = load(lambda path: Tuna2Pipeline.from_pretrained(path, dtype=dtype), path, device)
+    height, width = size or (None, None)  # the pipeline's default: the processor's fixed size, else 512x512
     result = pipe(
-        prompt,
+        args.instruction if editing else args.prompt,
         image=image,
         height=height,
         width=width,
@@ -91,15 +203,21 @@ def draw(args, image=None):
 
 
 def ask(args):
+    image = load_image(args.image)
+    path = model_folder(args)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
 
-    image = load_image(args.image)
     device, dtype = settings(args)
-    path = resolve_model(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-    processor = AutoProcessor.from_pretrained(path)
+    # trust_remote_code=False: the registered classes load the checkpoint, its `auto_map` code never runs, and
+    # transformers never stops to ask.
+    model = load(
+        lambda path: AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=False),
+        path,
+        device,
+    )
+    processor = load(lambda path: AutoProcessor.from_pretrained(path, trust_remote_code=False), path)
     messages = [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}
     ]
@@ -110,46 +228,90 @@ def ask(args):
     print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
 
 
-def run_script(name: str, argv: list[str]):
-    """`tuna2 convert` and `tuna2 init` hand their arguments to the conversion scripts."""
+def run_script(name: str, argv: list[str]) -> int:
+    """`tuna2 convert` and `tuna2 init` hand their arguments to the conversion scripts, which report their errors."""
     from diffusers_tuna2.conversion import convert_tuna2_to_hf, init_from_qwen2
 
     script = convert_tuna2_to_hf if name == "convert" else init_from_qwen2
-    script.main(argv)
+    return script.main(argv, prog=f"tuna2 {name}")
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and ends each option's help with its default (options defaulting to None say
+    what that means themselves)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if action.option_strings and shown and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tuna2-hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def add_model_options(parser):
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded demo)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    # The help says what this installation has: the package may ship without the demo.
+    default = "default: the shapes demo shipped with the package" if demo_model() else "required: no demo is installed"
+    parser.add_argument("--model", default=None, help=f"Tuna-2 checkpoint folder, or a hub id ({default})")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="dtype of the weights (default: bfloat16 on cuda, else float32)",
+    )
 
 
-def add_generation_options(parser):
-    parser.add_argument("-o", "--output", required=True, help="where to write the PNG")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default 3.0, editing 2.0)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default=None, help="HxW or one side (default: the model's size)")
+def add_generation_options(parser, default_guidance: float):
+    parser.add_argument(
+        "-o", "--output", required=True, help="image file to write; its extension sets the format (required)"
+    )
+    parser.add_argument("--steps", type=int, default=defaults.NUM_INFERENCE_STEPS, help="denoising (Euler) steps")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help=f"classifier-free guidance scale (default: {default_guidance})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    parser.add_argument(
+        "--size",
+        default=None,
+        help=f"HxW, or one side for a square (default: the model's size, else {defaults.IMAGE_SIZE})",
+    )
     add_model_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tuna2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="tuna2", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="text-to-image")
-    generate.add_argument("prompt")
-    add_generation_options(generate)
-    edit = commands.add_parser("edit", help="edit an image with an instruction")
-    edit.add_argument("image")
-    edit.add_argument("instruction")
-    add_generation_options(edit)
-    question = commands.add_parser("ask", help="ask a question about an image")
-    question.add_argument("image")
-    question.add_argument("question")
-    question.add_argument("--max-new-tokens", type=int, default=64)
-    add_model_options(question)
+    for name, text, positionals, guidance in (
+        ("generate", "text-to-image", {"prompt": "what to draw"}, defaults.GUIDANCE_SCALE),
+        (
+            "edit",
+            "edit an image with an instruction",
+            {"image": "image to edit", "instruction": "the edit"},
+            defaults.EDIT_GUIDANCE_SCALE,
+        ),
+        ("ask", "ask a question about an image", {"image": "image to ask about", "question": "the question"}, None),
+    ):
+        command = commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+        for positional, positional_help in positionals.items():
+            command.add_argument(positional, help=positional_help)
+        if guidance is None:
+            command.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+            add_model_options(command)
+        else:
+            add_generation_options(command, guidance)
     for name, text in SCRIPTS.items():
         commands.add_parser(name, help=f"{text} (its own options: tuna2 {name} --help)", add_help=False)
     return parser
@@ -157,19 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv) if not (argv and argv[0] in SCRIPTS) else None
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # keep the terminal for the denoising progress bar and errors
+    if argv and argv[0] in SCRIPTS:
+        return run_script(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
     try:
-        if args is None:
-            run_script(argv[0], argv[1:])
-        elif args.command == "generate":
-            draw(args)
-        elif args.command == "edit":
-            draw(args, load_image(args.image))
-        else:
+        if args.command == "ask":
             ask(args)
+        else:
+            draw(args, editing=args.command == "edit")
     except (CommandError, ValueError, OSError) as error:
         print(f"tuna2: error: {error}", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ Sampling follows the official JiT sampler (t=1 is clean): `z_0 = noise_scale * e
 
 import inspect
 import json
+import math
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,8 @@ from huggingface_hub import snapshot_download
 
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
+
+from . import defaults
 
 logger = logging.get_logger(__name__)
 
@@ -209,8 +213,14 @@ class Tuna2Pipeline(DiffusionPipeline):
             )
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps}")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale}")
+        # A string from a config or a command line would otherwise fail deep in the sampling loop, NaN silently.
+        if (
+            not isinstance(guidance_scale, numbers.Real)
+            or isinstance(guidance_scale, bool)
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
+            raise ValueError(f"`guidance_scale` must be >= 0 and a finite number, got {guidance_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}")
         total = len(prompts) * num_images_per_prompt
@@ -317,7 +327,7 @@ class Tuna2Pipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int = defaults.NUM_INFERENCE_STEPS,
         guidance_scale: float | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         num_images_per_prompt: int = 1,
@@ -359,11 +369,14 @@ class Tuna2Pipeline(DiffusionPipeline):
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
         editing = image is not None
-        fixed_size = self.processor.image_processor.size or {"height": 512, "width": 512}
+        fixed_size = self.processor.image_processor.size or {
+            "height": defaults.IMAGE_SIZE,
+            "width": defaults.IMAGE_SIZE,
+        }
         height = height if height is not None else fixed_size["height"]
         width = width if width is not None else fixed_size["width"]
         if guidance_scale is None:
-            guidance_scale = 2.0 if editing else 3.0
+            guidance_scale = defaults.EDIT_GUIDANCE_SCALE if editing else defaults.GUIDANCE_SCALE
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(
             prompt,

@@ -162,8 +162,29 @@ def read_hf_dataset(dataset, name: str = "dataset", skip_bad_samples: bool = Fal
     return samples
 
 
+def task_schedule(names: list[str], weights: list[float], num_blocks: int) -> list[str]:
+    """Which stream each of `num_blocks` blocks comes from: smooth weighted round-robin, so that any run of blocks
+    follows the weights as closely as whole blocks allow (weights 1:1:1 give t2i, mmu, edit, t2i, mmu, edit, ...)."""
+    total = sum(weights)
+    credit = [0.0] * len(names)
+    schedule = []
+    for _ in range(num_blocks):
+        credit = [c + w for c, w in zip(credit, weights)]
+        chosen = max(range(len(names)), key=lambda k: credit[k])
+        credit[chosen] -= total
+        schedule.append(names[chosen])
+    return schedule
+
+
 class Tuna2MixtureDataset(torch.utils.data.Dataset):
     """Draws samples from several streams with per-stream weights (item i is reproducible from `seed` and i).
+
+    By default every item draws its stream with the weights, so a batch mixes tasks and is padded to its longest
+    row (understanding rows are often several times longer than generation rows). With `task_batch_size`, items
+    come in blocks of that many from one stream: read in order (`train_sampling_strategy="sequential"`) with that
+    batch size, each micro-batch holds one task and little padding, and consecutive micro-batches take turns between
+    the streams in proportion to the weights, so that gradient accumulation over them makes joint updates. Each
+    stream is then read as a shuffled pass without replacement (every sample once per pass).
 
     A sample whose image cannot be decoded raises a [`Tuna2DataError`] naming its file and line, or, with
     `skip_bad_samples`, is replaced by another draw after a warning.
@@ -176,6 +197,7 @@ class Tuna2MixtureDataset(torch.utils.data.Dataset):
         length: int | None = None,
         seed: int = 0,
         skip_bad_samples: bool = False,
+        task_batch_size: int | None = None,
     ):
         self.names = [name for name, samples in streams.items() if samples]
         if not self.names:
@@ -187,18 +209,52 @@ class Tuna2MixtureDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"stream weights must be >= 0 with a positive sum, got {dict(zip(self.names, self.weights))}"
             )
+        if task_batch_size is not None and task_batch_size < 1:
+            raise ValueError(f"task_batch_size must be >= 1, got {task_batch_size}")
         self.length = length or sum(len(streams[name]) for name in self.names)
         self.seed = seed
         self.skip_bad_samples = skip_bad_samples
+        self.task_batch_size = task_batch_size
+        if task_batch_size is not None:
+            num_blocks = -(-self.length // task_batch_size)
+            self.block_tasks = task_schedule(self.names, self.weights, num_blocks)
+            seen = dict.fromkeys(self.names, 0)
+            self.block_ordinals = []  # how many earlier blocks came from the same stream
+            for task in self.block_tasks:
+                self.block_ordinals.append(seen[task])
+                seen[task] += 1
+            self._passes = {}
 
     def __len__(self) -> int:
         return self.length
 
+    def stream_pass(self, name: str, number: int) -> list[int]:
+        """The shuffled order of pass `number` over stream `name`."""
+        key = (name, number)
+        if key not in self._passes:
+            order = list(range(len(self.streams[name])))
+            random.Random(f"{self.seed}/{name}/{number}").shuffle(order)
+            self._passes = {key: order, **{k: v for k, v in self._passes.items() if k[0] != name}}
+        return self._passes[key]
+
+    def draws(self, index: int):
+        """The samples item `index` tries in turn (the first that loads is the item)."""
+        if self.task_batch_size is None:
+            rng = random.Random(self.seed * 1_000_003 + index)
+            while True:
+                name = rng.choices(self.names, weights=self.weights)[0]
+                yield self.streams[name][rng.randrange(len(self.streams[name]))]
+        block, offset = divmod(index, self.task_batch_size)
+        name, size = self.block_tasks[block], len(self.streams[self.block_tasks[block]])
+        position = self.block_ordinals[block] * self.task_batch_size + offset
+        while True:
+            yield self.streams[name][self.stream_pass(name, position // size)[position % size]]
+            position += 1  # a bad sample: the next one of the same stream
+
     def __getitem__(self, index: int) -> dict:
-        rng = random.Random(self.seed * 1_000_003 + index)
-        for _ in range(100):
-            name = rng.choices(self.names, weights=self.weights)[0]
-            sample = self.streams[name][rng.randrange(len(self.streams[name]))]
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        for _, sample in zip(range(100), self.draws(index)):
             try:
                 return {"sample": sample, "images": sample.load_images()}
             except Tuna2DataError as error:

@@ -61,7 +61,8 @@ class Tuna2Processor(ProcessorMixin):
 
     Args:
         image_processor ([`Tuna2ImageProcessor`]): the image processor.
-        tokenizer ([`Qwen2TokenizerFast`]): the tokenizer, with the Qwen special tokens.
+        tokenizer ([`Qwen2TokenizerFast`]): the tokenizer, with the Qwen special tokens. It pads on the left unless
+            it was created with another `padding_side`.
         chat_template (`str`, *optional*): defaults to the Qwen2.5 template with image items.
     """
 
@@ -71,6 +72,11 @@ class Tuna2Processor(ProcessorMixin):
     vision_end_token = "<|vision_end|>"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # Generation appends to the right end of every row, so a batch of prompts is padded on the left, as in
+        # transformers' VLM processors. Kept in `init_kwargs`, it is saved to tokenizer_config.json with the processor;
+        # a tokenizer created with an explicit `padding_side` keeps it.
+        if tokenizer is not None and "padding_side" not in tokenizer.init_kwargs:
+            tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)

@@ -32,6 +32,7 @@ import json
 import math
 import pickle
 import re
+import sys
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -211,6 +212,8 @@ def load_official_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The Qwen2.5 tokenizer of `path` set up as the official code does: `[PAD]` added as a new special token and made
     the pad token, then `<image>`, `<|vid_start|>`, `<|vid_end|>` added as normal tokens (Qwen2.5's 151665 entries
     become 151669). A tokenizer that already has them is left as it is."""
+    if not Path(path).is_dir():  # a hub-id error or a download attempt would hide the typo
+        raise ValueError(f"no such folder: {path} (the base LLM's tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.add_special_tokens({"pad_token": OFFICIAL_PAD_TOKEN})
     tokenizer.add_tokens(list(OFFICIAL_NEW_TOKENS))
@@ -235,6 +238,8 @@ def role_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 def load_text_config(path: str | Path) -> Qwen2Config:
     """The Qwen2 config of the base LLM from a folder or a `config.json` file."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path} (the base LLM's Qwen2 config)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json; give the base LLM's Qwen2 config with --base-config")
     config = AutoConfig.from_pretrained(path)
@@ -527,8 +532,10 @@ def convert(
     return config, statistics
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="official checkpoint (.pt, .pth, .bin or .safetensors)")
     parser.add_argument(
         "--tokenizer",
@@ -542,24 +549,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
     parser.add_argument("--report", action="store_true", help="print per-weight statistics and flag outliers")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.prog = parser.prog
+    return args
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
-    config, statistics = convert(
-        args.checkpoint,
-        args.tokenizer,
-        args.output,
-        base_config=args.base_config,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        max_shard_size=args.max_shard_size,
-        report=args.report,
-    )
+def report_error(prog: str, error: Exception) -> int:
+    """Bad input is reported as argparse reports bad options, `prog: error: ...`, without a traceback; exit code 1."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Runs the command line (`prog` names it in the usage and errors: `tuna2 convert`); returns the exit code."""
+    args = parse_args(argv, prog)
+    try:
+        config, statistics = convert(
+            args.checkpoint,
+            args.tokenizer,
+            args.output,
+            base_config=args.base_config,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            max_shard_size=args.max_shard_size,
+            report=args.report,
+        )
+    except (ValueError, OSError) as error:
+        return report_error(args.prog, error)
     if statistics is not None:
         print(statistics.format())
     print(f"Wrote {args.output}: {describe_config(config)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,6 +23,7 @@ writes the folder that `AutoModelForImageTextToText`, `AutoProcessor` and `Tuna2
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from .convert_tuna2_to_hf import (
     check_output_folder,
     load_official_tokenizer,
     load_text_config,
+    report_error,
     tuna2_config,
     tuna2_processor,
     understanding_generation_config,
@@ -129,8 +131,10 @@ def init_from_qwen2(
     return model.eval(), tuna2_processor(tokenizer, config)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--qwen", required=True, help="Qwen2 / Qwen2.5(-Instruct) folder: weights, config, tokenizer")
     parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--output-layout", choices=OUTPUT_LAYOUTS, default="patch", help="default: patch")
@@ -138,23 +142,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtype of the Qwen2 checkpoint")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new parts' initialisation (default: 0)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.prog = parser.prog
+    return args
 
 
-def main(argv: list[str] | None = None):
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Runs the command line (`prog` names it in the usage and errors: `tuna2 init`); returns the exit code."""
+    args = parse_args(argv, prog)
     output = Path(args.output)
-    check_output_folder(output)
-    model, processor = init_from_qwen2(
-        args.qwen,
-        output_layout=args.output_layout,
-        flow_head_layers=args.flow_head_layers,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        seed=args.seed,
-    )
-    Tuna2Pipeline(model=model, processor=processor).save_pretrained(output, max_shard_size=args.max_shard_size)
+    try:
+        check_output_folder(output)
+        if args.flow_head_layers < 1:
+            raise ValueError(f"--flow-head-layers must be >= 1, got {args.flow_head_layers}")
+        model, processor = init_from_qwen2(
+            args.qwen,
+            output_layout=args.output_layout,
+            flow_head_layers=args.flow_head_layers,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            seed=args.seed,
+        )
+        Tuna2Pipeline(model=model, processor=processor).save_pretrained(output, max_shard_size=args.max_shard_size)
+    except (ValueError, OSError) as error:
+        return report_error(args.prog, error)
     print(f"Wrote {output}: {model.num_parameters():,} parameters")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
