@@ -46,6 +46,7 @@ def run(mode: str, folder: Path, data: dict, steps: int, batch_size: int) -> dic
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=1e-3,
+        gradient_checkpointing=False,  # as examples/sft.py by default
         logging_steps=steps,
         save_strategy="no",
         report_to="none",

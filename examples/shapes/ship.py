@@ -31,11 +31,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a folder written by examples/sft.py --no-lora")
     parser.add_argument("--output", default=str(DEMO_FOLDER))
+    parser.add_argument("--guidance-scale", type=float, default=None, help="the demo's default text-to-image CFG")
+    parser.add_argument("--edit-guidance-scale", type=float, default=None, help="the demo's default editing CFG")
     args = parser.parse_args()
     output = Path(args.output)
     if output.exists():
         shutil.rmtree(output)
-    Tuna2Pipeline.from_pretrained(args.checkpoint).save_pretrained(output)
+    pipe = Tuna2Pipeline.from_pretrained(args.checkpoint)
+    for key in ("guidance_scale", "edit_guidance_scale"):
+        if getattr(args, key) is not None:
+            pipe.register_to_config(**{key: getattr(args, key)})
+    pipe.save_pretrained(output)
     without_remote_code(output)
     size = sum(path.stat().st_size for path in output.rglob("*") if path.is_file())
     if size > MAX_BYTES:

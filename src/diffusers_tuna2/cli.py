@@ -279,7 +279,10 @@ def add_generation_options(parser, default_guidance: float):
     )
     parser.add_argument("--steps", type=int, default=defaults.NUM_INFERENCE_STEPS, help="denoising (Euler) steps")
     parser.add_argument(
-        "--guidance", type=float, default=None, help=f"classifier-free guidance scale (default: {default_guidance})"
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale (default: the checkpoint's, officially {default_guidance})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     parser.add_argument(

@@ -69,6 +69,9 @@ class Tuna2Pipeline(DiffusionPipeline):
         negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
             negative prompts for text-to-image and editing (saved in `model_index.json`); the official ones by
             default. A model trained with caption dropout uses `""`.
+        guidance_scale (`float`, defaults to 3.0), edit_guidance_scale (`float`, defaults to 2.0): the checkpoint's
+            default CFG scales for text-to-image and editing (saved in `model_index.json`; official values by
+            default).
     """
 
     model_cpu_offload_seq = "model"
@@ -81,12 +84,19 @@ class Tuna2Pipeline(DiffusionPipeline):
         scheduler: SchedulerMixin | None = None,
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         edit_negative_prompt: str = DEFAULT_EDIT_NEGATIVE_PROMPT,
+        guidance_scale: float = defaults.GUIDANCE_SCALE,
+        edit_guidance_scale: float = defaults.EDIT_GUIDANCE_SCALE,
     ):
         super().__init__()
         self.register_modules(
             model=model, processor=processor, scheduler=scheduler or FlowMatchEulerDiscreteScheduler()
         )
-        self.register_to_config(negative_prompt=negative_prompt, edit_negative_prompt=edit_negative_prompt)
+        self.register_to_config(
+            negative_prompt=negative_prompt,
+            edit_negative_prompt=edit_negative_prompt,
+            guidance_scale=guidance_scale,
+            edit_guidance_scale=edit_guidance_scale,
+        )
 
     # ------------------------------------------------------------------------------------------------ saving/loading
 
@@ -113,10 +123,11 @@ class Tuna2Pipeline(DiffusionPipeline):
 
     @staticmethod
     def sampling_defaults(path: str | os.PathLike) -> dict:
-        """The default negative prompts a checkpoint folder's `model_index.json` sets, if any."""
+        """The default negative prompts and guidance scales a checkpoint folder's `model_index.json` sets, if any."""
         index_file = Path(path) / MODEL_INDEX
         index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        return {key: index[key] for key in ("negative_prompt", "edit_negative_prompt") if key in index}
+        keys = ("negative_prompt", "edit_negative_prompt", "guidance_scale", "edit_guidance_scale")
+        return {key: index[key] for key in keys if key in index}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
@@ -351,8 +362,8 @@ class Tuna2Pipeline(DiffusionPipeline):
             height, width (`int`, *optional*): any multiples of the patch size (buckets: 512x512, 448x576, ...);
                 default to the processor's fixed size if it has one, else 512.
             num_inference_steps (`int`, defaults to 50): Euler steps.
-            guidance_scale (`float`, *optional*): CFG on x0; 3.0 for text-to-image and 2.0 for editing by default,
-                1.0 turns it off.
+            guidance_scale (`float`, *optional*): CFG on x0; defaults to the pipeline's `guidance_scale` or
+                `edit_guidance_scale` (officially 3.0 and 2.0); 1.0 turns it off.
             cfg_interval (`tuple[float, float]`, defaults to `(0.0, 1.0)`): CFG applies when
                 `t < high and (low == 0 or t > low)` (official rule); elsewhere the conditional x0 is used.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
@@ -376,7 +387,7 @@ class Tuna2Pipeline(DiffusionPipeline):
         height = height if height is not None else fixed_size["height"]
         width = width if width is not None else fixed_size["width"]
         if guidance_scale is None:
-            guidance_scale = defaults.EDIT_GUIDANCE_SCALE if editing else defaults.GUIDANCE_SCALE
+            guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(
             prompt,
