@@ -30,6 +30,18 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny pipeline folder (32x32 processor) for the `tuna2` command tests."""
+    from diffusers_tuna2 import Tuna2Pipeline
+
+    path = tmp_path_factory.mktemp("ckpt")
+    Tuna2Pipeline(
+        model=tiny_model(tokenizer), processor=build_processor(tokenizer, size={"height": 32, "width": 32})
+    ).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def official_reference():
     return load_file(OFFICIAL / "reference_subset.safetensors")
 

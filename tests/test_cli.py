@@ -6,19 +6,7 @@ import sys
 import PIL.Image
 import pytest
 
-from diffusers_tuna2 import Tuna2Pipeline
 from diffusers_tuna2.cli import main
-
-from tiny import build_processor, tiny_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("ckpt")
-    Tuna2Pipeline(
-        model=tiny_model(tokenizer), processor=build_processor(tokenizer, size={"height": 32, "width": 32})
-    ).save_pretrained(path)
-    return str(path)
 
 
 def test_generate_edit_ask(checkpoint, tmp_path, capsys):

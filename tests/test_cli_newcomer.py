@@ -27,15 +27,6 @@ ROOT = Path(__file__).parent.parent
 QWEN_TINY = Path(__file__).parent / "fixtures" / "conversion" / "qwen_tiny"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("ckpt")
-    Tuna2Pipeline(
-        model=tiny_model(tokenizer), processor=build_processor(tokenizer, size={"height": 32, "width": 32})
-    ).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def image(tmp_path):
     path = tmp_path / "in.png"
@@ -231,7 +222,7 @@ def test_default_model_is_the_shipped_demo_when_there_is_one(checkpoint, image, 
         one_line_error(capsys) == "this installation has no shapes demo model; pass --model with a checkpoint folder"
     )
 
-    monkeypatch.setattr(diffusers_tuna2.demo, "DEMO_MODEL", checkpoint)
+    monkeypatch.setattr(diffusers_tuna2.demo, "DEMO_MODEL", Path(checkpoint))
     assert "(default: the shapes demo shipped with the package)" in help_of(["ask", "--help"], capsys, monkeypatch)
     assert main(["ask", image, "What colour?", "--max-new-tokens", "2"]) == 0
 
