@@ -2,9 +2,10 @@
 and answers, edit instructions), the held-out split, and a deterministic pixel analyser that reads a scene back from
 an image.
 
-A scene is a 64x64 image on a plain mid-grey background with one shape (circle, square, triangle) in one of six
-colours at one of five positions (left, right, top, bottom, center), drawn 20-24 px wide with up to 2 px of jitter.
-(Earlier versions drew up to three smaller shapes per scene; see docs/demo.md for why the demo now uses one.)
+A scene is a 48x48 image on a plain mid-grey background with one shape (circle, square, triangle) in one of six
+colours at one of five positions (left, right, top, bottom, center), drawn 12-14 px wide with up to 1 px of jitter.
+Each position is the middle of one 16x16 patch of the 3x3 grid, and a shape stays inside its patch, so that one patch
+token draws it (see docs/demo.md for what larger scenes with shapes across patches did).
 """
 
 import random
@@ -14,7 +15,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-SIZE = 64
+SIZE = 48
 # Mid-grey, about 0 in the model's [-1, 1] pixel space: on white, every patch shares a large constant input that the
 # patch embedding's RMSNorm turns into nearly identical tokens, and a small model learns colours very slowly.
 BACKGROUND = (128, 128, 128)
@@ -27,7 +28,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
+POSITIONS = {"left": (8, 24), "right": (40, 24), "top": (24, 8), "bottom": (24, 40), "center": (24, 24)}
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
 
 
@@ -36,7 +37,7 @@ class Shape:
     colour: str
     shape: str
     position: str
-    size: int = 22
+    size: int = 14
     dx: int = 0
     dy: int = 0
 
@@ -68,7 +69,7 @@ def render(shapes: list[Shape]) -> PIL.Image.Image:
 
 def random_shape(rng: random.Random, triple: tuple[str, str, str]) -> Shape:
     colour, shape, position = triple
-    return Shape(colour, shape, position, size=rng.randint(20, 24), dx=rng.randint(-2, 2), dy=rng.randint(-2, 2))
+    return Shape(colour, shape, position, size=rng.randint(12, 14), dx=rng.randint(-1, 1), dy=rng.randint(-1, 1))
 
 
 def held_out_triples(seed: int = 0, count: int = 12) -> set[tuple[str, str, str]]:
