@@ -59,3 +59,21 @@ def test_readme_pipeline_example_runs(tmp_path, tokenizer):
     namespace = {"path": str(tmp_path), "dtype": torch.float32, "device": "cpu"}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["image"].size == (48, 64) and namespace["edited"].size == (48, 64)
+
+
+def test_readme_batch_of_two_conversations(tmp_path, tokenizer):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    single = next(block for block in blocks if "apply_chat_template" in block)
+    batched = next(block for block in blocks if "conversations = [" in block)
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    build_processor(tokenizer, size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    img, img2 = PIL.Image.new("RGB", (64, 48), "orange"), PIL.Image.new("RGB", (40, 40), "navy")
+    namespace = {"path": str(tmp_path), "img": img, "img2": img2}
+    exec(compile(single + batched, "README.md", "exec"), namespace)
+    model, processor = namespace["model"], namespace["processor"]
+    for conversation, answer in zip(namespace["conversations"], namespace["answers"]):
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        alone = model.generate(**inputs, max_new_tokens=8)[0, inputs.input_ids.shape[1] :]
+        assert answer == processor.decode(alone, skip_special_tokens=True)
