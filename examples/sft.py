@@ -208,11 +208,17 @@ class SavePipelineFiles(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero:
-            from diffusers_tuna2 import Tuna2Pipeline
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_pipeline_files(model, processing_class, self.model_path, folder)
 
-            defaults = Tuna2Pipeline.sampling_defaults(self.model_path)
-            pipe = Tuna2Pipeline(model=model, processor=processing_class, **defaults)
-            pipe.save_scheduler_and_index(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+def save_pipeline_files(model, processor, model_path: str, folder):
+    """`scheduler/` and `model_index.json` with the input checkpoint's sampling defaults (negative prompts,
+    guidance scales)."""
+    from diffusers_tuna2 import Tuna2Pipeline
+
+    defaults = Tuna2Pipeline.sampling_defaults(model_path)
+    Tuna2Pipeline(model=model, processor=processor, **defaults).save_scheduler_and_index(folder)
 
 
 def save(trainer: Tuna2SFTTrainer, processor, args):
@@ -221,11 +227,8 @@ def save(trainer: Tuna2SFTTrainer, processor, args):
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(args.output)
         if args.no_lora:
-            from diffusers_tuna2 import Tuna2Pipeline
-
             model = trainer.accelerator.unwrap_model(trainer.model)
-            defaults = Tuna2Pipeline.sampling_defaults(args.model)  # keep the input checkpoint's negative prompts
-            Tuna2Pipeline(model=model, processor=processor, **defaults).save_scheduler_and_index(args.output)
+            save_pipeline_files(model, processor, args.model, args.output)
 
 
 if __name__ == "__main__":

@@ -377,6 +377,8 @@ def test_two_process_cpu_run_of_sft_script(tmp_path, tokenizer, train_processor,
         "1",
         "--loss-log",
         str(tmp_path / "losses"),
+        "--save-steps",
+        "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -386,6 +388,9 @@ def test_two_process_cpu_run_of_sft_script(tmp_path, tokenizer, train_processor,
     assert [entry["loss"] for entry in logs[0]] == [entry["loss"] for entry in logs[1]]
     saved = Tuna2Pipeline.from_pretrained(tmp_path / "out")
     assert isinstance(saved.model, Tuna2ForConditionalGeneration)
+    # Intermediate checkpoints load in the pipeline too, with the input checkpoint's sampling defaults.
+    checkpoint = Tuna2Pipeline.from_pretrained(tmp_path / "out" / "checkpoint-2")
+    assert checkpoint.config.negative_prompt == saved.config.negative_prompt
 
 
 # ---------------------------------------------------------------------------------------------------- task batches

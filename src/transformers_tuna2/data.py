@@ -223,19 +223,18 @@ class Tuna2MixtureDataset(torch.utils.data.Dataset):
             for task in self.block_tasks:
                 self.block_ordinals.append(seen[task])
                 seen[task] += 1
-            self._passes = {}
+            self._passes = {}  # stream name -> (pass number, shuffled order): the pass being read
 
     def __len__(self) -> int:
         return self.length
 
     def stream_pass(self, name: str, number: int) -> list[int]:
         """The shuffled order of pass `number` over stream `name`."""
-        key = (name, number)
-        if key not in self._passes:
+        if self._passes.get(name, (None,))[0] != number:
             order = list(range(len(self.streams[name])))
             random.Random(f"{self.seed}/{name}/{number}").shuffle(order)
-            self._passes = {key: order, **{k: v for k, v in self._passes.items() if k[0] != name}}
-        return self._passes[key]
+            self._passes[name] = (number, order)
+        return self._passes[name][1]
 
     def draws(self, index: int):
         """The samples item `index` tries in turn (the first that loads is the item)."""
