@@ -3,7 +3,8 @@ and answers, edit instructions), the held-out split, and a deterministic pixel a
 an image.
 
 A scene is a 48x48 image on a plain mid-grey background with one shape (circle, square, triangle) in one of six
-colours at one of five positions (left, right, top, bottom, center), drawn 12-14 px wide with up to 1 px of jitter.
+colours at one of five positions (left, right, top, bottom, center), drawn 12-14 px wide with up to 1 px of jitter and
+a black outline.
 Each position is the middle of one 16x16 patch of the 3x3 grid, and a shape stays inside its patch, so that one patch
 token draws it (see docs/demo.md for what larger scenes with shapes across patches did).
 """
@@ -19,6 +20,11 @@ SIZE = 48
 # Mid-grey, about 0 in the model's [-1, 1] pixel space: on white, every patch shares a large constant input that the
 # patch embedding's RMSNorm turns into nearly identical tokens, and a small model learns colours very slowly.
 BACKGROUND = (128, 128, 128)
+# Around mid-grey the palette's channels go both ways (red is +R -G -B), so the fill alone tells a circle from a square
+# only through a non-linear function of the patch (a linear probe on 14 px shapes gets ~75%), which a small LLM reading
+# one patch token did not learn. A colour-independent outline makes the kind linearly readable (probe: 100%).
+OUTLINE = (0, 0, 0)
+FILL_DISTANCE = 70  # RGB distance within which a pixel is a palette colour's fill (palette entries are 61+ apart)
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -28,6 +34,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
+PATCH = 16  # the demo model's patch size: each position below is the middle of one patch
 POSITIONS = {"left": (8, 24), "right": (40, 24), "top": (24, 8), "bottom": (24, 40), "center": (24, 24)}
 QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is it?", "position": "Where is the shape?"}
 
@@ -50,20 +57,21 @@ def where(position: str) -> str:
     return "in the center" if position == "center" else f"on the {position}"
 
 
-def render(shapes: list[Shape]) -> PIL.Image.Image:
+def render(shapes: list[Shape], outline: tuple[int, int, int] | None = OUTLINE) -> PIL.Image.Image:
+    """The scene; `outline=None` draws the fills alone (the scenes before the outline, for `shape_probe.py`)."""
     image = PIL.Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     pen = PIL.ImageDraw.Draw(image)
     for item in shapes:
         cx, cy = POSITIONS[item.position]
         cx, cy, half = cx + item.dx, cy + item.dy, item.size / 2
         box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
-        colour = COLOURS[item.colour]
+        paint = {"fill": COLOURS[item.colour], "outline": outline}
         if item.shape == "circle":
-            pen.ellipse(box, fill=colour)
+            pen.ellipse(box, **paint)
         elif item.shape == "square":
-            pen.rectangle(box, fill=colour)
+            pen.rectangle(box, **paint)
         else:
-            pen.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=colour)
+            pen.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], **paint)
     return image
 
 
@@ -127,14 +135,16 @@ def random_edit(rng: random.Random, source: Shape, allowed: set[tuple[str, str, 
 
 
 def analyse(image) -> list[Shape]:
-    """Reads the shapes of an image: non-background pixels are given the nearest palette colour, each colour's
-    connected regions of 20+ pixels are shapes, classified by how much of their bounding box they fill (square ~1,
-    circle ~0.79, triangle ~0.5) and placed at the nearest position. Largest shape first."""
+    """Reads the shapes of an image: pixels far from the background and near a palette colour are given that colour,
+    each colour's connected regions of 20+ pixels are shapes, classified by how much of their bounding
+    box they fill (square ~1, circle ~0.79, triangle ~0.5) and placed at the nearest position. Largest shape first."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, PIL.Image.Image) else image, dtype=np.float64)
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
     names = list(COLOURS)
-    foreground = np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) > 60
-    nearest = np.linalg.norm(pixels[..., None, :] - palette, axis=-1).argmin(-1)
+    distances = np.linalg.norm(pixels[..., None, :] - palette, axis=-1)
+    nearest = distances.argmin(-1)
+    # Fill pixels only: a blurred outline mixes the fill with black and grey into colours near no palette entry.
+    foreground = (np.linalg.norm(pixels - np.array(BACKGROUND), axis=-1) > 60) & (distances.min(-1) < FILL_DISTANCE)
     found = []
     for index, name in enumerate(names):
         mask = foreground & (nearest == index)

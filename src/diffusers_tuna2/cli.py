@@ -1,9 +1,10 @@
-"""The `tuna2` command: generate, edit and ask with a Tuna-2 checkpoint (by default the shapes demo, when the package
-ships it), and convert official checkpoints.
+"""The `tuna2` command: generate, edit and ask with a Tuna-2 checkpoint (by default the shapes demo shipped with the
+package), serve the same in a web app, and convert official checkpoints.
 
     tuna2 generate "a red circle on the left" -o out.png
     tuna2 edit out.png "make the circle blue" -o edited.png
     tuna2 ask out.png "What colour is the circle?"
+    tuna2 app                      # the same in a web page (pip install "tuna2-hf[app]")
     tuna2 convert --checkpoint tuna_2_pixel_7b.pt --tokenizer Qwen2.5-7B-Instruct --output tuna2-7b
     tuna2 init --qwen Qwen2.5-7B-Instruct --output tuna2-7b-init
 """
@@ -27,6 +28,7 @@ TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 MODEL_TYPE = "tuna2"  # Tuna2Config.model_type, without importing transformers
 # Named in the -o error; any extension PIL can write is accepted.
 COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_NEW_TOKENS = 64  # the longest answer of `tuna2 ask` and of the app's Ask tab
 
 
 class CommandError(Exception):
@@ -228,6 +230,30 @@ def ask(args):
     print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
 
 
+def app(args):
+    """Serves the web app until interrupted. Gradio is checked first: a missing extra fails before the model loads."""
+    try:
+        from diffusers_tuna2 import app as web_app
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise CommandError('the app needs Gradio: pip install "tuna2-hf[app]"') from None
+    path = model_folder(args)
+    from diffusers_tuna2 import Tuna2Pipeline
+
+    device, dtype = settings(args)
+    pipe = load(lambda path: Tuna2Pipeline.from_pretrained(path, dtype=dtype), path, device)
+    pipe.set_progress_bar_config(disable=True)  # the page shows the denoising progress
+    try:
+        web_app.launch(web_app.build_app(pipe), port=args.port, share=args.share)
+    except OSError:  # a port Gradio cannot bind; its message names its own launch() parameters
+        if args.port is None:
+            raise
+        raise CommandError(
+            f"cannot serve on port {args.port}: it is in use or not allowed; pass another --port"
+        ) from None
+
+
 def run_script(name: str, argv: list[str]) -> int:
     """`tuna2 convert` and `tuna2 init` hand their arguments to the conversion scripts, which report their errors."""
     from diffusers_tuna2.conversion import convert_tuna2_to_hf, init_from_qwen2
@@ -311,10 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
         for positional, positional_help in positionals.items():
             command.add_argument(positional, help=positional_help)
         if guidance is None:
-            command.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+            command.add_argument(
+                "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest answer, in tokens"
+            )
             add_model_options(command)
         else:
             add_generation_options(command, guidance)
+    text = "ask, generate and edit in a web page (needs the [app] extra)"
+    command = commands.add_parser("app", help=text, description=text, formatter_class=HelpFormatter)
+    command.add_argument(
+        "--port", type=int, default=None, help="port to serve on (default: 7860, or the next free one)"
+    )
+    command.add_argument(
+        "--share", action="store_true", help="also serve through a temporary public gradio.live link (default: off)"
+    )
+    add_model_options(command)
     for name, text in SCRIPTS.items():
         commands.add_parser(name, help=f"{text} (its own options: tuna2 {name} --help)", add_help=False)
     return parser
@@ -328,6 +365,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "ask":
             ask(args)
+        elif args.command == "app":
+            app(args)
         else:
             draw(args, editing=args.command == "edit")
     except (CommandError, ValueError, OSError) as error:

@@ -161,6 +161,13 @@ class Tuna2Pipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------ properties
 
     @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) of an image when a call gives none: the processor's fixed size if it has one, else
+        `defaults.IMAGE_SIZE` square."""
+        size = self.processor.image_processor.size
+        return (size["height"], size["width"]) if size else (defaults.IMAGE_SIZE, defaults.IMAGE_SIZE)
+
+    @property
     def guidance_scale(self):
         return self._guidance_scale
 
@@ -380,12 +387,9 @@ class Tuna2Pipeline(DiffusionPipeline):
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
         editing = image is not None
-        fixed_size = self.processor.image_processor.size or {
-            "height": defaults.IMAGE_SIZE,
-            "width": defaults.IMAGE_SIZE,
-        }
-        height = height if height is not None else fixed_size["height"]
-        width = width if width is not None else fixed_size["width"]
+        default_height, default_width = self.default_size
+        height = height if height is not None else default_height
+        width = width if width is not None else default_width
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
