@@ -55,6 +55,7 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
 )
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MODEL_INDEX = "model_index.json"
+COMPONENTS = ("model", "processor", "scheduler")
 
 
 class Tuna2Pipeline(DiffusionPipeline):
@@ -75,6 +76,9 @@ class Tuna2Pipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model"
+    # Left out, the default scheduler is built in `__init__`; listed, it is a component like the others (diffusers
+    # leaves optional `__init__` arguments out of `components` unless they are listed here).
+    _optional_components = ["scheduler"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -104,12 +108,19 @@ class Tuna2Pipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "Tuna2Pipeline":
         """Loads the folder that `AutoModelForImageTextToText` loads: the model and processor from its root, the
         scheduler from `scheduler/` (the default one when absent). A hub id is downloaded first. `dtype` (or
-        `torch_dtype`) and the other keyword arguments go to the model's `from_pretrained`."""
+        `torch_dtype`) is a dtype, or as in diffusers a dict of dtypes by component name with a `"default"` for the
+        others (float32 without one); it and the other keyword arguments go to the model's `from_pretrained`."""
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
             path = Path(snapshot_download(str(pretrained_model_name_or_path)))
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        if isinstance(kwargs.get("dtype"), dict):
+            kwargs["dtype"] = cls.model_dtype(kwargs["dtype"])
+        variant = kwargs.get("variant")
+        # transformers would raise an OSError about a missing file; diffusers names the variant.
+        if variant is not None and not any(path.glob(f"*model.{variant}[.-]*")):
+            raise ValueError(f"no model weights of `variant={variant!r}` in {path}")
         scheduler = kwargs.pop("scheduler", None)
         index = json.loads((path / MODEL_INDEX).read_text()) if (path / MODEL_INDEX).is_file() else {}
         defaults = cls.sampling_defaults(path)
@@ -120,6 +131,17 @@ class Tuna2Pipeline(DiffusionPipeline):
             scheduler_class = getattr(__import__(library, fromlist=[class_name]), class_name)
             scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
         return cls(model=model, processor=processor, scheduler=scheduler, **defaults)
+
+    @staticmethod
+    def model_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype:
+        """The model's dtype in a per-component dtype dict (the model is the only component with weights); a key
+        naming no component raises rather than being ignored."""
+        unknown = sorted(set(dtypes) - {*COMPONENTS, "default"})
+        if unknown:
+            raise ValueError(
+                f"`dtype` has no component named {unknown[0]!r}; the components are {', '.join(COMPONENTS)}"
+            )
+        return dtypes.get("model", dtypes.get("default", torch.float32))
 
     @staticmethod
     def sampling_defaults(path: str | os.PathLike) -> dict:
@@ -252,17 +274,25 @@ class Tuna2Pipeline(DiffusionPipeline):
 
     def encode_prompt(
         self,
-        prompts: list[str],
-        negative_prompts: list[str] | None,
-        height: int,
-        width: int,
-        images: list | None,
-        device: torch.device,
-        use_prefix_cache: bool,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        images: list | None = None,
+        device: torch.device | None = None,
+        use_prefix_cache: bool = True,
     ) -> dict:
-        """Tokenizes the conditional (then negative) sequences. With `use_prefix_cache`, the fixed prefix (prompt,
-        and source image when editing) runs once through the model and its keys and values are kept; every denoising
-        step then feeds only the span of the image being generated."""
+        """Tokenizes the conditional sequences, then the negative ones (given for classifier-free guidance only),
+        for `height x width` images (the pipeline's default size when not given); `images` are the sources of edits,
+        one per prompt. With `use_prefix_cache`, the fixed prefix (prompt, and source image when editing) runs once
+        through the model and its keys and values are kept; every denoising step then feeds only the span of the
+        image being generated."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        default_height, default_width = self.default_size
+        height = height if height is not None else default_height
+        width = width if width is not None else default_width
+        device = device if device is not None else self._execution_device
         texts = prompts + (negative_prompts or [])
         sources = (images * (2 if negative_prompts else 1)) if images is not None else None
         inputs = self.processor.generation_inputs(texts, height, width, source_images=sources)

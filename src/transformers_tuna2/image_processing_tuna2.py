@@ -4,6 +4,8 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import load_image
+from transformers.processing_utils import ImagesKwargs
 
 # Resolution buckets as (height, width), in the official order (ties go to the first).
 BUCKETS = {
@@ -12,6 +14,23 @@ BUCKETS = {
 }
 RESIZE_MODES = ("resize", "center_crop")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class Tuna2ImageProcessorKwargs(ImagesKwargs, total=False):
+    """The options of a [`Tuna2ImageProcessor`] call, which a [`Tuna2Processor`] call passes on."""
+
+    resolution: str
+    resize_mode: str
+
+
+def refuse_options(names) -> None:
+    """Raises naming the options given that Tuna-2 does not honour (`do_rescale`, `do_normalize`, `image_mean`...)
+    instead of ignoring them: the model only knows RGB images at a bucket or `size`, scaled to [-1, 1]."""
+    if names:
+        listed = ", ".join(f"`{name}`" for name in sorted(names))
+        raise ValueError(
+            f"Tuna2ImageProcessor does not support {listed}; its options are resolution, size and resize_mode"
+        )
 
 
 def nearest_bucket(height: int, width: int, resolution: str = "512") -> tuple[int, int]:
@@ -30,9 +49,17 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def to_pil(image) -> PIL.Image.Image:
-    """A PIL image, an `(H, W[, C])` numpy array or a `(C, H, W)` tensor (uint8, or float in [0, 1]) -> PIL."""
+    """A PIL image, an `(H, W[, C])` numpy array or a `(C, H, W)` tensor (uint8, or float in [0, 1]) -> PIL. A string
+    (URL, local path or base64, as in chat messages) is loaded with transformers' `load_image`."""
     if isinstance(image, PIL.Image.Image):
         return image
+    if isinstance(image, str):
+        try:
+            return load_image(image)
+        except ValueError as error:  # transformers' message quotes the whole string, which may be long base64 data
+            raise ValueError(
+                f"unsupported image type: {image[:80]!r} is not an image URL, an existing file or base64 data"
+            ) from error
     if isinstance(image, torch.Tensor):
         if image.ndim != 3:
             raise ValueError(f"an image tensor must have shape (channels, height, width), got {tuple(image.shape)}")
@@ -66,9 +93,13 @@ class Tuna2ImageProcessor(BaseImageProcessor):
             `"resize"`: a direct bicubic resize to the target (official understanding evaluation; may distort the
             aspect ratio). `"center_crop"`: a bicubic resize that covers the target, then a center crop (official
             editing runner).
+
+    The other options of transformers' image processors (`do_rescale`, `do_normalize`, `image_mean`...) raise a
+    `ValueError`: the model was trained on exactly this preprocessing.
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = Tuna2ImageProcessorKwargs
 
     def __init__(
         self,
@@ -78,6 +109,8 @@ class Tuna2ImageProcessor(BaseImageProcessor):
         resize_mode: str = "resize",
         **kwargs,
     ):
+        # The other keyword arguments are the mixin's (`image_processor_type`, `auto_map`... from a saved config).
+        refuse_options(set(kwargs) & set(ImagesKwargs.__annotations__))
         super().__init__(**kwargs)
         self.patch_size = patch_size
         self.resolution = resolution
@@ -118,12 +151,14 @@ class Tuna2ImageProcessor(BaseImageProcessor):
     ) -> BatchFeature:
         """
         Args:
-            images: one image or a list (PIL, numpy or tensor); nested lists (one per sample) are flattened.
+            images: one image or a list (PIL, numpy, tensor, or a URL or file path); nested lists (one per sample)
+                are flattened.
 
         Returns:
             [`BatchFeature`] with `pixel_values`: a `(num_images, 3, H, W)` tensor when all images share a size,
             else a list of `(3, H, W)` tensors.
         """
+        refuse_options(set(kwargs))
         resolution = resolution or self.resolution
         size = size if size is not None else self.size
         resize_mode = resize_mode or self.resize_mode

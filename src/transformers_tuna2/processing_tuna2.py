@@ -1,12 +1,14 @@
 """Tuna-2 processor: the Qwen2 tokenizer and the image processor. It owns the sequence layout: each image becomes
 `<|vision_start|>` + one `<|image_pad|>` per span slot (1 time slot + one per patch) + `<|vision_end|>`."""
 
+import copy
+
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
-from .image_processing_tuna2 import flatten_images
+from .image_processing_tuna2 import Tuna2ImageProcessorKwargs, flatten_images
 
 logger = logging.get_logger(__name__)
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -48,6 +50,7 @@ def official_text_budget(num_span_slots: int, editing: bool) -> int | None:
 
 
 class Tuna2ProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: Tuna2ImageProcessorKwargs
     _defaults = {"text_kwargs": {"padding": False, "add_special_tokens": False}}
 
 
@@ -192,18 +195,22 @@ class Tuna2Processor(ProcessorMixin):
         ]
         return {"input_ids": encoding["input_ids"], "labels": labels, "pixel_values": pixel_values}
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Args:
-            images: images for the placeholders, in order (one list, or one list per sample).
+            images: images for the placeholders, in order (one list, or one list per sample); PIL images, arrays,
+                tensors, or URLs and file paths.
             text (`str` or `list[str]`): texts with one `<|image_pad|>` per image.
+            kwargs: the tokenizer's options and the image processor's (`size`, `resolution`, `resize_mode`).
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask` and, with images, `pixel_values` (see
             [`Tuna2ImageProcessor.preprocess`]).
         """
-        if videos is not None or audio is not None:
-            raise ValueError("Tuna-2 takes images and text only")
+        # `apply_chat_template` passes `videos=None, audio=None` to every processor.
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"Tuna2Processor does not take `{modality}`: Tuna-2 takes images and text only")
         if text is None:
             raise ValueError("Tuna2Processor needs text; use the image processor alone for images only")
         texts = [text] if isinstance(text, str) else list(text)
@@ -221,6 +228,12 @@ class Tuna2Processor(ProcessorMixin):
         if pixel_values is not None:
             data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["pixel_values"])
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        # transformers writes the `auto_map` of the registered classes into the processor and image processor it
+        # saves, and adds then deletes one in the tokenizer's `init_kwargs` (losing one loaded from a checkpoint):
+        # saving a copy leaves this processor as it was.
+        return super(Tuna2Processor, copy.deepcopy(self)).save_pretrained(save_directory, push_to_hub, **kwargs)
 
     @property
     def model_input_names(self):

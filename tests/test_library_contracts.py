@@ -1,0 +1,144 @@
+"""What transformers' and diffusers' common tests expect of a processor, an image processor and a pipeline."""
+
+import copy
+import inspect
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from diffusers_tuna2 import Tuna2Pipeline
+from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
+
+from tiny import build_processor
+
+# ---------------------------------------------------------------------------------------------------- processor
+
+
+@pytest.mark.parametrize("key", ["image", "path", "url"])
+def test_chat_image_given_as_a_file_path_is_loaded(processor, tmp_path, key):
+    """transformers' chat content items name an image by `image`, `url` or `path`; a string is loaded with
+    `transformers.image_utils.load_image` (URLs, local paths, base64), the same loader for all three keys."""
+    image = PIL.Image.new("RGB", (40, 24), "red")
+    image.save(tmp_path / "red.png")
+
+    def inputs(source):
+        messages = [{"role": "user", "content": [{"type": "image", key: source}, {"type": "text", "text": "Hi"}]}]
+        return processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+
+    from_path, from_image = inputs(str(tmp_path / "red.png")), inputs(image)
+    assert torch.equal(from_path.input_ids, from_image.input_ids)
+    assert torch.equal(from_path.pixel_values, from_image.pixel_values)
+
+
+def test_image_path_that_does_not_exist_raises(processor, tmp_path):
+    with pytest.raises(ValueError, match="is not an image URL, an existing file or base64 data"):
+        processor(text="<|image_pad|>", images=[str(tmp_path / "missing.png")])
+
+
+@pytest.mark.parametrize("modality", ["videos", "audio"])
+def test_processor_names_the_modality_it_does_not_take(processor, modality):
+    assert modality not in inspect.signature(Tuna2Processor.__call__).parameters
+    with pytest.raises(ValueError, match=f"does not take `{modality}`"):
+        processor(text="Hi", **{modality: [torch.zeros(3, 8, 8)]})
+
+
+UNSUPPORTED_IMAGE_OPTIONS = [
+    dict(do_rescale=False),
+    dict(rescale_factor=1.0),
+    dict(do_normalize=False),
+    dict(image_mean=[0.0, 0.0, 0.0]),
+    dict(do_resize=False),
+]
+
+
+@pytest.mark.parametrize("option", UNSUPPORTED_IMAGE_OPTIONS, ids=lambda option: next(iter(option)))
+def test_image_options_that_are_not_honoured_raise(processor, option):
+    name = next(iter(option))
+    image = PIL.Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match=f"does not support `{name}`"):
+        Tuna2ImageProcessor(**option)
+    with pytest.raises(ValueError, match=f"does not support `{name}`"):
+        processor.image_processor(image, **option)
+    with pytest.raises(ValueError, match=f"does not support `{name}`"):
+        processor(text="<|image_pad|>", images=[image], **option)
+
+
+def test_processor_passes_resize_options_to_the_image_processor(processor):
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 80, 3), dtype=np.uint8))
+    cropped = processor(text="<|image_pad|>", images=[image], resize_mode="center_crop", return_tensors="pt")
+    expected = processor.image_processor(image, resize_mode="center_crop")["pixel_values"]
+    assert torch.equal(cropped.pixel_values, expected)
+    assert not torch.equal(cropped.pixel_values, processor.image_processor(image)["pixel_values"])
+
+
+def test_saving_a_processor_leaves_it_unchanged(tmp_path):
+    def state(processor):
+        return processor.to_json_string(), processor.image_processor.to_json_string(), processor.tokenizer.init_kwargs
+
+    processor = build_processor(size={"height": 32, "width": 48})
+    processor.save_pretrained(tmp_path / "first")
+    loaded = Tuna2Processor.from_pretrained(tmp_path / "first")
+    for saved in (processor, loaded):
+        before = copy.deepcopy(state(saved))
+        saved.save_pretrained(tmp_path / "again")
+        assert state(saved) == before
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory, model, processor):
+    path = tmp_path_factory.mktemp("pipeline")
+    Tuna2Pipeline(model=model, processor=processor).save_pretrained(path)
+    return path
+
+
+def test_components_include_the_default_scheduler(model, processor):
+    pipe = Tuna2Pipeline(model=model, processor=processor)
+    assert set(pipe.components) == {"model", "processor", "scheduler"}
+    assert isinstance(pipe.components["scheduler"], FlowMatchEulerDiscreteScheduler)
+    assert Tuna2Pipeline(**pipe.components).scheduler is pipe.scheduler
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [
+        ({"model": torch.bfloat16}, torch.bfloat16),
+        ({"default": torch.bfloat16}, torch.bfloat16),
+        ({"model": torch.float16, "default": torch.bfloat16}, torch.float16),
+        ({"scheduler": torch.bfloat16}, torch.float32),  # as in diffusers: float32 without a "default"
+    ],
+)
+def test_dtype_per_component(saved_pipeline, dtype, expected):
+    assert Tuna2Pipeline.from_pretrained(saved_pipeline, dtype=dtype).model.dtype == expected
+    assert Tuna2Pipeline.from_pretrained(saved_pipeline, torch_dtype=dtype).model.dtype == expected
+
+
+def test_dtype_for_an_unknown_component_raises(saved_pipeline):
+    with pytest.raises(ValueError, match="no component named 'transformer'"):
+        Tuna2Pipeline.from_pretrained(saved_pipeline, dtype={"transformer": torch.bfloat16})
+
+
+def test_encode_prompt_needs_the_prompt_only(model, processor):
+    """diffusers' common `test_encode_prompt_works_in_isolation` fills encode_prompt's arguments by name from the
+    call's inputs and fails on a required one it cannot fill."""
+    pipe = Tuna2Pipeline(model=model, processor=processor)
+    parameters = inspect.signature(pipe.encode_prompt).parameters.values()
+    assert [p.name for p in parameters if p.default is inspect.Parameter.empty] == ["prompt"]
+    encoded = pipe.encode_prompt("a red circle", use_prefix_cache=False)
+    explicit = pipe.encode_prompt(["a red circle"], None, 32, 48, None, torch.device("cpu"), False)
+    assert torch.equal(encoded["input_ids"], explicit["input_ids"])
+    assert torch.equal(encoded["attention_mask"], explicit["attention_mask"])
+
+
+def test_missing_variant_raises_a_value_error_naming_it(tmp_path, model, processor):
+    Tuna2Pipeline(model=model, processor=processor).save_pretrained(tmp_path, variant="fp16")
+    assert Tuna2Pipeline.from_pretrained(tmp_path, variant="fp16").model.dtype == torch.float32
+    with pytest.raises(ValueError, match="variant='bf16'"):
+        Tuna2Pipeline.from_pretrained(tmp_path, variant="bf16")
