@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_tuna2 import Tuna2Pipeline
 from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
+from transformers_tuna2.modeling_tuna2 import Tuna2ImageRole
 
 from tiny import build_processor
 
@@ -142,3 +143,45 @@ def test_missing_variant_raises_a_value_error_naming_it(tmp_path, model, process
     assert Tuna2Pipeline.from_pretrained(tmp_path, variant="fp16").model.dtype == torch.float32
     with pytest.raises(ValueError, match="variant='bf16'"):
         Tuna2Pipeline.from_pretrained(tmp_path, variant="bf16")
+
+
+# ------------------------------------------------------------------------------------------------------- model
+
+
+def image_prompt(processor, model):
+    """`input_ids`, `attention_mask` and `pixel_values` of one image and a caption, and the caption's labels."""
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    inputs = processor(text=f"{processor.image_token} a red circle", images=[image], return_tensors="pt")
+    labels = inputs.input_ids.masked_fill(inputs.input_ids == model.config.image_token_id, -100)
+    return inputs, labels
+
+
+def test_return_dict_false_gives_the_output_as_a_tuple(processor, model):
+    inputs, labels = image_prompt(processor, model)
+    with torch.no_grad():
+        as_output = model(**inputs, labels=labels)
+        as_tuple = model(**inputs, labels=labels, return_dict=False)
+        base_tuple = model.model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(base_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_output.loss)
+    torch.testing.assert_close(as_tuple[1], as_output.logits)
+    torch.testing.assert_close(model.lm_head(base_tuple[0]), as_output.logits)
+
+
+def test_shift_labels_give_the_loss_of_the_labels(processor, model):
+    inputs, labels = image_prompt(processor, model)
+    shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        from_labels = model(**inputs, labels=labels)
+        from_shift_labels = model(**inputs, shift_labels=shift_labels)
+    torch.testing.assert_close(from_shift_labels.loss, from_labels.loss)
+    torch.testing.assert_close(from_shift_labels.lm_loss, from_labels.lm_loss)
+    # The training forward (images by role) takes them too.
+    roles = torch.tensor([Tuna2ImageRole.UNDERSTANDING])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        trained_labels = model(**inputs, image_roles=roles, labels=labels)
+        torch.manual_seed(0)
+        trained_shift = model(**inputs, image_roles=roles, shift_labels=shift_labels)
+    assert trained_labels.lm_loss > 0
+    torch.testing.assert_close(trained_shift.lm_loss, trained_labels.lm_loss)

@@ -24,6 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_tuna2 import Tuna2Config
 from .flow_matching import noisy_image, sample_training_t, v_loss_weight
@@ -675,6 +676,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         )
         return {"full_attention": mask}
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -778,6 +780,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -792,6 +795,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> Tuna2CausalLMOutputWithPast:
         r"""
@@ -808,6 +812,9 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             in training mode `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets, -100 where ignored. The model shifts them.
+        shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets already shifted (the label of position i is the token at i + 1), as sequence-parallel training
+            passes them; they replace `labels`.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             Compute logits for the last `logits_to_keep` positions only (0: all).
         num_items_in_batch (`int`, *optional*):
@@ -817,7 +824,14 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             if pixel_values is None or input_ids is None:
                 raise ValueError("image_roles need input_ids and pixel_values")
             return self.forward_with_flow_loss(
-                input_ids, pixel_values, image_roles, attention_mask, labels, timesteps, num_items_in_batch
+                input_ids,
+                pixel_values,
+                image_roles,
+                attention_mask,
+                labels,
+                timesteps,
+                num_items_in_batch,
+                shift_labels,
             )
         outputs = self.model(
             input_ids=input_ids,
@@ -834,8 +848,8 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = lm_loss = flow_loss = None
-        if labels is not None:
-            lm_loss = self.next_token_loss(logits, labels, num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            lm_loss = self.next_token_loss(logits, labels, num_items_in_batch, shift_labels)
             flow_loss = torch.zeros((), device=lm_loss.device)
             loss = self.config.lm_loss_weight * lm_loss
         return Tuna2CausalLMOutputWithPast(
@@ -848,12 +862,15 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             flow_loss=flow_loss,
         )
 
-    def next_token_loss(self, logits, labels, num_items_in_batch=None) -> torch.Tensor:
-        """Cross-entropy of the shifted labels; 0 (not NaN) when every label is ignored, still attached to the graph
-        so that every rank runs the same backward."""
-        if (labels[:, 1:] != -100).any():
+    def next_token_loss(self, logits, labels, num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
+        """Cross-entropy of the shifted labels (or of `shift_labels`, already shifted); 0 (not NaN) when every label
+        is ignored, still attached to the graph so that every rank runs the same backward."""
+        targets = shift_labels if shift_labels is not None else labels[:, 1:]
+        if (targets != -100).any():
             vocab_size = self.config.text_config.vocab_size
-            return self.loss_function(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch)
+            return self.loss_function(
+                logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
+            )
         return logits.sum() * 0.0
 
     def training_timesteps(self, image_roles: torch.LongTensor) -> torch.Tensor:
@@ -878,6 +895,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         timesteps: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
     ) -> Tuna2CausalLMOutputWithPast:
         """The training forward on a batch with images: noises the images by role, runs the language model and the
         flow head once, and returns the next-token loss, the flow loss and their weighted sum."""
@@ -903,7 +921,9 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
             ).last_hidden_state
         logits = self.lm_head(hidden_states)
-        lm_loss = self.next_token_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        lm_loss = None
+        if labels is not None or shift_labels is not None:
+            lm_loss = self.next_token_loss(logits, labels, num_items_in_batch, shift_labels)
 
         squared_error, num_elements = logits.new_zeros(()), 0
         if targets:
