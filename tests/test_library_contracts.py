@@ -185,3 +185,33 @@ def test_shift_labels_give_the_loss_of_the_labels(processor, model):
         trained_shift = model(**inputs, image_roles=roles, shift_labels=shift_labels)
     assert trained_labels.lm_loss > 0
     torch.testing.assert_close(trained_shift.lm_loss, trained_labels.lm_loss)
+
+
+def test_inputs_embeds_with_pixel_values_give_the_output_of_input_ids(processor, model):
+    inputs, _ = image_prompt(processor, model)
+    embeds = model.get_input_embeddings()(inputs.input_ids)
+    with torch.no_grad():
+        from_ids = model(**inputs).logits
+        from_embeds = model(
+            inputs_embeds=embeds, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values
+        ).logits
+    torch.testing.assert_close(from_embeds, from_ids)
+
+
+def test_generation_from_inputs_embeds_with_an_image(processor, model):
+    inputs, _ = image_prompt(processor, model)
+    embeds = model.get_input_embeddings()(inputs.input_ids)
+    prompt_length = inputs.input_ids.shape[1]
+    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.no_grad():
+        from_ids = model.generate(**inputs, **options)[:, prompt_length:]
+        from_embeds = model.generate(
+            inputs_embeds=embeds, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values, **options
+        )
+        beams = {"num_beams": 2, **options}
+        beam_from_ids = model.generate(**inputs, **beams)[:, prompt_length:]
+        beam_from_embeds = model.generate(
+            inputs_embeds=embeds, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values, **beams
+        )
+    assert torch.equal(from_embeds, from_ids)
+    assert torch.equal(beam_from_embeds, beam_from_ids)

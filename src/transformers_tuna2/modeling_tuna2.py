@@ -634,6 +634,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
         masked[torch.randperm(num_patches, device=patch_embeds.device)[:num_masked]] = True
         return torch.where(masked[:, None], self.mask_token[0].to(patch_embeds.dtype), patch_embeds)
 
+    def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """`(B, L)` ids that locate the image spans of `inputs_embeds` given without `input_ids`: `image_token_id`
+        where a row is the image token's embedding (as transformers' VLMs find their placeholders), -1 elsewhere."""
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        is_placeholder = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
+        return torch.where(is_placeholder, image_token, -1)
+
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, span_embeds: list[torch.Tensor]
     ) -> torch.BoolTensor:
@@ -705,10 +712,11 @@ class Tuna2Model(Tuna2PreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and input_ids is None:
-            raise ValueError("pixel_values need input_ids to locate the image spans")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        span_ids = input_ids
+        if span_ids is None and pixel_values is not None:
+            span_ids = self.placeholder_ids(inputs_embeds)
 
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -721,12 +729,12 @@ class Tuna2Model(Tuna2PreTrainedModel):
             )
 
         spans = image_spans
-        if spans is None and input_ids is not None:
-            spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id)
+        if spans is None and span_ids is not None:
+            spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
         time_embeds = None
         if pixel_values is not None:
             span_embeds, time_embeds = self.get_image_features(pixel_values, timesteps)
-            placeholder_mask = self.get_placeholder_mask(input_ids, spans, span_embeds)
+            placeholder_mask = self.get_placeholder_mask(span_ids, spans, span_embeds)
             image_embeds = torch.cat(span_embeds).to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
         elif spans is not None and spans.num_images and past_length == 0:
