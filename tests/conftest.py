@@ -1,4 +1,6 @@
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,28 @@ from transformers_tuna2 import Tuna2ForConditionalGeneration
 from tiny import build_processor, build_tokenizer, tiny_config, tiny_model
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+SHAPES_EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes"
+
+
+def import_shapes_example(name: str):
+    """A module of examples/shapes (a folder of scripts, not a package), imported by name."""
+    sys.path.insert(0, str(SHAPES_EXAMPLE))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SHAPES_EXAMPLE))
+
+
+@pytest.fixture(scope="session")
+def shapes():
+    """The demo's scenes, texts and pixel analyser."""
+    return import_shapes_example("shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_evaluation():
+    """The demo's evaluation: cases, interfaces (libraries, command line), scores and floor."""
+    return import_shapes_example("evaluate")
 
 
 @pytest.fixture(scope="session")

@@ -32,16 +32,6 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; .ci/run installs it
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    sys.path.insert(0, str(ROOT / "examples" / "shapes"))
-    try:
-        import shapes
-    finally:
-        sys.path.pop(0)
-    return shapes
-
-
-@pytest.fixture(scope="module")
 def pipe():
     pipe = Tuna2Pipeline.from_pretrained(MODEL)
     pipe.set_progress_bar_config(disable=True)

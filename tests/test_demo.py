@@ -67,32 +67,22 @@ def test_readme_demo_commands_make_the_images_it_shows(tmp_path):
         assert made.shape == shown.shape and np.abs(made - shown).max() <= 3
 
 
-@pytest.fixture(scope="module")
-def evaluation():
-    sys.path.insert(0, str(ROOT / "examples" / "shapes"))
-    try:
-        import evaluate
-    finally:
-        sys.path.pop(0)
-    return evaluate
-
-
-def assert_meets_floor(evaluation, report):
+def assert_meets_floor(shapes_evaluation, report):
     figures = report["held_out"]
     assert figures["cases"] == {"generation": 8, "answers": 24, "edits": 8}
-    assert evaluation.meets_floor(figures), evaluation.format_report(report)
+    assert shapes_evaluation.meets_floor(figures), shapes_evaluation.format_report(report)
 
 
-def test_demo_meets_the_floor_through_the_libraries(evaluation):
+def test_demo_meets_the_floor_through_the_libraries(shapes_evaluation):
     from diffusers_tuna2 import demo_model_path
 
-    report = evaluation.score(*evaluation.library_interfaces(demo_model_path()), **FLOOR_CASES)
-    assert_meets_floor(evaluation, report)
+    interfaces = shapes_evaluation.library_interfaces(demo_model_path())
+    assert_meets_floor(shapes_evaluation, shapes_evaluation.score(*interfaces, **FLOOR_CASES))
 
 
-def test_demo_meets_the_floor_through_the_command_line(evaluation, tmp_path):
-    report = evaluation.score(*evaluation.command_line_interfaces(None, tmp_path), **FLOOR_CASES)
-    assert_meets_floor(evaluation, report)
+def test_demo_meets_the_floor_through_the_command_line(shapes_evaluation, tmp_path):
+    interfaces = shapes_evaluation.command_line_interfaces(None, tmp_path)
+    assert_meets_floor(shapes_evaluation, shapes_evaluation.score(*interfaces, **FLOOR_CASES))
 
 
 def test_missing_demo_is_one_clear_error(monkeypatch, tmp_path):

@@ -187,7 +187,7 @@ def sampling_settings(pipe: Tuna2Pipeline, editing: bool) -> list[gr.components.
     """Negative prompt, height, width, steps, guidance and seed, with the checkpoint's defaults (its
     `model_index.json`, else the official ones) as `tuna2 generate` and `tuna2 edit` take them."""
     config = pipe.config
-    default_height, default_width = pipe.default_size
+    default_height, default_width = pipe.image_size()
     patch_size = pipe.model.config.patch_size
     with gr.Accordion("Settings", open=False):
         negative_prompt = gr.Textbox(

@@ -182,12 +182,11 @@ class Tuna2Pipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------ properties
 
-    @property
-    def default_size(self) -> tuple[int, int]:
-        """(height, width) of an image when a call gives none: the processor's fixed size if it has one, else
-        `defaults.IMAGE_SIZE` square."""
-        size = self.processor.image_processor.size
-        return (size["height"], size["width"]) if size else (defaults.IMAGE_SIZE, defaults.IMAGE_SIZE)
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """`(height, width)` of the images a call draws: the given sides, else the processor's fixed size if it has
+        one, else `defaults.IMAGE_SIZE` square."""
+        fixed = self.processor.image_processor.size or {"height": defaults.IMAGE_SIZE, "width": defaults.IMAGE_SIZE}
+        return (height if height is not None else fixed["height"], width if width is not None else fixed["width"])
 
     @property
     def guidance_scale(self):
@@ -289,9 +288,7 @@ class Tuna2Pipeline(DiffusionPipeline):
         image being generated."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        default_height, default_width = self.default_size
-        height = height if height is not None else default_height
-        width = width if width is not None else default_width
+        height, width = self.image_size(height, width)
         device = device if device is not None else self._execution_device
         texts = prompts + (negative_prompts or [])
         sources = (images * (2 if negative_prompts else 1)) if images is not None else None
@@ -417,9 +414,7 @@ class Tuna2Pipeline(DiffusionPipeline):
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
         editing = image is not None
-        default_height, default_width = self.default_size
-        height = height if height is not None else default_height
-        width = width if width is not None else default_width
+        height, width = self.image_size(height, width)
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
