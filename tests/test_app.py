@@ -133,7 +133,7 @@ def test_a_failing_model_is_one_line_and_the_app_keeps_serving(client, pipe, sha
         patches.setattr(pipe.model, "generate", scripted_answer(pipe.processor.tokenizer, "It is", failure))
         with pytest.raises(AppError, match=r"^answering failed: CUDA out of memory\.$"):
             client.predict(image, "Describe the image.", api_name="/ask")
-        patches.setattr(pipe.model, "predict_x0", fail)
+        patches.setattr(pipe.model, "forward", fail)
         with pytest.raises(AppError, match=r"^drawing failed: CUDA out of memory\.$"):
             client.predict(prompt="a red circle on the right", api_name="/generate")
     chat, _ = client.predict(image, "What colour is the shape?", api_name="/ask")

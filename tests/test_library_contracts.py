@@ -134,8 +134,9 @@ def test_encode_prompt_needs_the_prompt_only(model, processor):
     assert [p.name for p in parameters if p.default is inspect.Parameter.empty] == ["prompt"]
     encoded = pipe.encode_prompt("a red circle", use_prefix_cache=False)
     explicit = pipe.encode_prompt(["a red circle"], None, 32, 48, None, torch.device("cpu"), False)
-    assert torch.equal(encoded["input_ids"], explicit["input_ids"])
-    assert torch.equal(encoded["attention_mask"], explicit["attention_mask"])
+    assert torch.equal(encoded.input_ids, explicit.input_ids)
+    assert torch.equal(encoded.attention_mask, explicit.attention_mask)
+    assert torch.equal(encoded.image_roles, explicit.image_roles)
 
 
 def test_missing_variant_raises_a_value_error_naming_it(tmp_path, model, processor):

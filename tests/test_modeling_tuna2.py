@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
-from transformers_tuna2.modeling_tuna2 import Tuna2ImageSpans, llama3_inv_freq, patchify, unpatchify
+from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageRole
+from transformers_tuna2.modeling_tuna2 import Tuna2ImageSpans, unpatchify
 
 from tiny import tiny_config, tiny_model
 
@@ -22,6 +22,17 @@ def encode(processor, texts, pixel_values, **kwargs):
     return processor.tokenizer(texts, return_tensors="pt", **kwargs)
 
 
+def predict_every_image(model, inputs, pixel_values, timesteps=None):
+    """The forward with every image a target: its x0 prediction (at t=1 unless `timesteps` are given) and logits."""
+    num_images = len(pixel_values)
+    return model(
+        **inputs,
+        pixel_values=pixel_values,
+        timesteps=torch.ones(num_images) if timesteps is None else timesteps,
+        image_roles=torch.full((num_images,), Tuna2ImageRole.TARGET),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- mask semantics
 
 
@@ -36,8 +47,8 @@ def test_patch_change_reaches_own_image_and_later_tokens_only(tokenizer, process
     with torch.no_grad():
         before = model.model(**inputs, pixel_values=images).last_hidden_state[0]
         after = model.model(**inputs, pixel_values=changed).last_hidden_state[0]
-        x0_before = model.predict_x0(**inputs, pixel_values=images).x0
-        x0_after = model.predict_x0(**inputs, pixel_values=changed).x0
+        x0_before = predict_every_image(model, inputs, images).x0
+        x0_after = predict_every_image(model, inputs, changed).x0
 
     spans = Tuna2ImageSpans.from_input_ids(inputs.input_ids, model.config.image_token_id)
     target_span = (spans.image_index[0] == 1).nonzero().flatten()
@@ -68,8 +79,8 @@ def test_sdpa_and_eager_agree(tokenizer, processor, model):
     eager = tiny_model(tokenizer)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
-        out_sdpa = model.predict_x0(**inputs, pixel_values=torch.cat([images, images]), return_logits=True)
-        out_eager = eager.predict_x0(**inputs, pixel_values=torch.cat([images, images]), return_logits=True)
+        out_sdpa = predict_every_image(model, inputs, torch.cat([images, images]))
+        out_eager = predict_every_image(eager, inputs, torch.cat([images, images]))
     real = inputs.attention_mask.bool()
     torch.testing.assert_close(out_sdpa.logits[real], out_eager.logits[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_sdpa.x0, out_eager.x0, atol=1e-5, rtol=1e-5)
@@ -80,9 +91,9 @@ def test_left_padding_does_not_change_x0(tokenizer, processor, model):
     texts = [f"short {IMAGE}", f"a much longer prompt with many more words {IMAGE}"]
     batch = encode(processor, texts, images, padding=True, padding_side="left")
     with torch.no_grad():
-        batched = model.predict_x0(**batch, pixel_values=images).x0
+        batched = predict_every_image(model, batch, images).x0
         alone = [
-            model.predict_x0(**encode(processor, t, images[i : i + 1]), pixel_values=images[i : i + 1]).x0
+            predict_every_image(model, encode(processor, t, images[i : i + 1]), images[i : i + 1]).x0
             for i, t in enumerate(texts)
         ]
     torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
@@ -96,7 +107,8 @@ def test_image_rope_rotates_by_minus_theta_on_interleaved_pairs(tokenizer, proce
     inputs = encode(processor, f"x {IMAGE}", images)
     spans = Tuna2ImageSpans.from_input_ids(inputs.input_ids, model.config.image_token_id)
     position_ids = torch.arange(inputs.input_ids.shape[1])[None]
-    rotary = model.flow_head.rotary_emb(torch.float32, position_ids, spans, torch.tensor([4]))
+    spans.grids = [(3, 4)]
+    rotary = model.flow_head.rotary_emb(torch.float32, position_ids, spans)
     start = spans.span_position[0].tolist().index(0)
 
     head_dim = model.config.flow_head_head_dim
@@ -132,7 +144,7 @@ def test_text_rope_uses_llama3_scaled_frequencies(tokenizer, processor, model):
         else:
             s = (8192 / wavelength - 1) / 3
             expected.append((1 - s) * inv / 32 + s * inv)
-    inv_freq = llama3_inv_freq(64, model.config.flow_head_rope_theta, model.config.flow_head_rope_scaling)
+    inv_freq = model.flow_head.rotary_emb.text_inv_freq
     torch.testing.assert_close(inv_freq.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
     unchanged = [i for i in range(32) if math.isclose(inv_freq[i].item(), 500000.0 ** (-2 * i / 64), rel_tol=1e-6)]
     assert unchanged == list(range(15))
@@ -141,7 +153,8 @@ def test_text_rope_uses_llama3_scaled_frequencies(tokenizer, processor, model):
     inputs = encode(processor, f"{IMAGE} then text", images)
     spans = Tuna2ImageSpans.from_input_ids(inputs.input_ids, model.config.image_token_id)
     length = inputs.input_ids.shape[1]
-    rotary = model.flow_head.rotary_emb(torch.float32, torch.arange(length)[None], spans, torch.tensor([3]))
+    spans.grids = [(2, 3)]
+    rotary = model.flow_head.rotary_emb(torch.float32, torch.arange(length)[None], spans)
     position = length - 1  # a text token after the image keeps counting through the span
     x = torch.zeros(1, 1, length, 64)
     x[..., 20] = 1.0  # rotate-half pairs channel 20 with channel 52
@@ -151,14 +164,6 @@ def test_text_rope_uses_llama3_scaled_frequencies(tokenizer, processor, model):
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
-
-
-@pytest.mark.parametrize("layout", ["raster", "patch"])
-def test_patchify_inverts_unpatchify(layout):
-    image = torch.randn(3, 32, 48)
-    tokens = patchify(image, 16, layout)
-    assert tokens.shape == (6, 768)
-    assert torch.equal(unpatchify(tokens, (2, 3), 16, layout), image)
 
 
 def test_raster_layout_token_holds_consecutive_raster_pixels():
@@ -231,7 +236,7 @@ def test_images_of_different_sizes_in_one_batch(processor, model):
     small, large = random_images(1, 32, 32)[0], random_images(1, 48, 64, seed=1)[0]
     inputs = encode(processor, [f"a {IMAGE}", f"b {IMAGE}"], [small, large], padding=True, padding_side="left")
     with torch.no_grad():
-        x0 = model.predict_x0(**inputs, pixel_values=[small, large], timesteps=torch.tensor([0.3, 0.6])).x0
+        x0 = predict_every_image(model, inputs, [small, large], timesteps=torch.tensor([0.3, 0.6])).x0
         logits = model(**inputs, pixel_values=[small, large]).logits
     assert [tuple(x.shape) for x in x0] == [(3, 32, 32), (3, 48, 64)]
     assert torch.isfinite(logits).all()
@@ -265,7 +270,9 @@ def test_bad_inputs_raise_clear_errors(processor, model, tokenizer):
     with pytest.raises(ValueError, match="zero size"):
         model(**one_span, pixel_values=torch.zeros(1, 3, 0, 48))
     with pytest.raises(ValueError, match="3 timesteps for 1 images"):
-        model.predict_x0(**one_span, pixel_values=images[:1], timesteps=torch.ones(3))
+        model(**one_span, pixel_values=images[:1], timesteps=torch.ones(3))
+    with pytest.raises(ValueError, match="2 image roles for 1 images"):
+        model(**one_span, pixel_values=images[:1], image_roles=torch.tensor([2, 2]))
     too_long = torch.full((1, model.config.text_config.max_position_embeddings + 1), 5)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         model(input_ids=too_long)
@@ -302,4 +309,5 @@ def test_fresh_model_has_the_official_initialisation(tokenizer):
     assert 0.015 < model.model.time_embed.mlp[0].weight.std() < 0.025
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     ids = torch.tensor([[model.config.vision_start_token_id] + [model.config.image_token_id] * 5])
-    assert not model.predict_x0(ids, images).x0.any()  # zero final layer: the first prediction is 0
+    # zero final layer: the first prediction is 0
+    assert not predict_every_image(model, {"input_ids": ids}, images).x0.any()

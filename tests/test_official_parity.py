@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from transformers_tuna2 import Tuna2ImageRole
+
 CASES = ["t2i_64x64", "t2i_64x96"]
 
 
@@ -13,7 +15,8 @@ def test_text_to_image_x0_of_both_cfg_branches(official_model, official_referenc
     z = official_reference[f"{case}.z_steps"][step][:, 0]
     t = official_reference[f"{case}.t_steps"][step]
     with torch.no_grad():
-        x0 = official_model.predict_x0(ids, torch.stack([z, z]), timesteps=torch.stack([t, t])).x0
+        roles = torch.full((2,), Tuna2ImageRole.TARGET)
+        x0 = official_model(ids, torch.stack([z, z]), timesteps=torch.stack([t, t]), image_roles=roles).x0
     expected = official_reference[f"{case}.x0_branches"][step][:, :, 0]
     torch.testing.assert_close(x0, expected, atol=1e-5, rtol=0)
 
@@ -26,8 +29,11 @@ def test_editing_x0_of_source_and_target_in_both_branches(official_model, offici
     t = official_reference["edit_64x64.t_steps"][step]
     one = torch.ones(())
     with torch.no_grad():
-        x0 = official_model.predict_x0(
-            ids, torch.stack([source, z, source, z]), timesteps=torch.stack([one, t, one, t])
+        x0 = official_model(  # every span's x0, the sources' too, as the official model computes them
+            ids,
+            torch.stack([source, z, source, z]),
+            timesteps=torch.stack([one, t, one, t]),
+            image_roles=torch.full((4,), Tuna2ImageRole.TARGET),
         ).x0
     torch.testing.assert_close(x0, official_reference["edit_64x64.x0_all"][step][:, :, 0], atol=1e-5, rtol=0)
 

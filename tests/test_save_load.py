@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Model, Tuna2Processor
+from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Model, Tuna2Processor
 
 from tiny import build_processor, tiny_model
 
@@ -43,7 +43,8 @@ def test_round_trip_is_bit_exact(tmp_path, tokenizer, dtype):
     with torch.no_grad():
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
-        assert torch.equal(model.predict_x0(**inputs).x0, loaded.predict_x0(**inputs).x0)
+        as_target = {"timesteps": torch.tensor([0.5]), "image_roles": torch.tensor([Tuna2ImageRole.TARGET])}
+        assert torch.equal(model(**inputs, **as_target).x0, loaded(**inputs, **as_target).x0)
 
 
 def test_auto_classes(tmp_path, tokenizer):

@@ -111,17 +111,27 @@ def test_flow_loss_is_the_weighted_x0_error(tokenizer, train_processor, data):
     model = tiny_model(tokenizer, output_layout="patch").eval()
     batch = one_batch(data, train_processor)
     roles = batch["image_roles"]
-    t = torch.where(roles == Tuna2ImageRole.TARGET, 0.7, 1.0)
     torch.manual_seed(5)
-    out = model(**batch, timesteps=t)
-    # the same noise, drawn in the same order
+    out = model(**batch)  # draws t and the noise
+    # the same times and noise, drawn in the same order
     torch.manual_seed(5)
+    t = model.training_timesteps(roles)
     clean = list(batch["pixel_values"])
     noise = [torch.randn_like(x) for x in clean]
     noised = [ti * x + (1 - ti) * 2.0 * e for ti, x, e in zip(t.tolist(), clean, noise)]
-    x0 = model.predict_x0(batch["input_ids"], torch.stack(noised), t, attention_mask=batch["attention_mask"]).x0
+    with torch.no_grad():
+        x0 = model(
+            batch["input_ids"],
+            torch.stack(noised),
+            timesteps=t,
+            image_roles=roles,
+            attention_mask=batch["attention_mask"],
+        ).x0
+    torch.testing.assert_close(out.x0, x0)
     targets = roles == Tuna2ImageRole.TARGET
-    expected = ((x0[targets] - torch.stack(clean)[targets]) ** 2).mean() / (1 - 0.7) ** 2
+    weights = (1 - t[targets]).clamp(min=model.config.t_eps) ** -2
+    squared_errors = ((x0 - torch.stack(clean)[targets]) ** 2).flatten(1).sum(1)
+    expected = (weights * squared_errors).sum() / clean[0].numel() / int(targets.sum())
     torch.testing.assert_close(out.flow_loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -165,11 +175,11 @@ def test_mask_token_only_in_training_mode(tokenizer):
     images = torch.rand(2, 3, 32, 64) * 2 - 1  # 8 patches each: int(8 * 0.5) = 4 masked
     mask_token = model.model.mask_token[0, 0]
     model.train()
-    spans, _ = model.model.get_image_features(images)
+    spans = model.model.get_image_features(images).last_hidden_state.unflatten(0, (2, 9))  # time slot + 8 patches
     for span in spans:
         assert (span[1:] == mask_token).all(-1).sum() == 4
     model.eval()
-    spans, _ = model.model.get_image_features(images)
+    spans = model.model.get_image_features(images).last_hidden_state.unflatten(0, (2, 9))
     for span in spans:
         assert not (span[1:] == mask_token).all(-1).any()
 
@@ -226,10 +236,11 @@ def test_lora_trains_only_adapters_and_reloads_everywhere(tokenizer, train_proce
     batch = one_batch(data, train_processor, count=2)
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values")}
     timesteps = torch.full((len(batch["pixel_values"]),), 0.4)
+    every_image = torch.full((len(batch["pixel_values"]),), Tuna2ImageRole.TARGET)
 
     def outputs(model):
         with torch.no_grad():
-            return model(**inputs).logits, model.predict_x0(**inputs, timesteps=timesteps).x0
+            return model(**inputs).logits, model(**inputs, timesteps=timesteps, image_roles=every_image).x0
 
     expected_logits, expected_x0 = outputs(trained)
 

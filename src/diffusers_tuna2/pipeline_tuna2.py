@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
+from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
+from transformers_tuna2.processing_tuna2 import generation_length
 
 from . import defaults
 
@@ -56,6 +58,90 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MODEL_INDEX = "model_index.json"
 COMPONENTS = ("model", "processor", "scheduler")
+
+
+# Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.retrieve_timesteps
+def retrieve_timesteps(
+    scheduler,
+    num_inference_steps: int | None = None,
+    device: str | torch.device | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    **kwargs,
+):
+    r"""
+    Calls the scheduler's `set_timesteps` method and retrieves timesteps from the scheduler after the call. Handles
+    custom timesteps. Any kwargs will be supplied to `scheduler.set_timesteps`.
+
+    Args:
+        scheduler (`SchedulerMixin`):
+            The scheduler to get timesteps from.
+        num_inference_steps (`int`):
+            The number of diffusion steps used when generating samples with a pre-trained model. If used, `timesteps`
+            must be `None`.
+        device (`str` or `torch.device`, *optional*):
+            The device to which the timesteps should be moved to. If `None`, the timesteps are not moved.
+        timesteps (`list[int]`, *optional*):
+            Custom timesteps used to override the timestep spacing strategy of the scheduler. If `timesteps` is passed,
+            `num_inference_steps` and `sigmas` must be `None`.
+        sigmas (`list[float]`, *optional*):
+            Custom sigmas used to override the timestep spacing strategy of the scheduler. If `sigmas` is passed,
+            `num_inference_steps` and `timesteps` must be `None`.
+
+    Returns:
+        `tuple[torch.Tensor, int]`: A tuple where the first element is the timestep schedule from the scheduler and the
+        second element is the number of inference steps.
+    """
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("Only one of `timesteps` or `sigmas` can be passed. Please choose one to set custom values")
+    if timesteps is not None:
+        accepts_timesteps = "timesteps" in set(inspect.signature(scheduler.set_timesteps).parameters.keys())
+        if not accepts_timesteps:
+            raise ValueError(
+                f"The current scheduler class {scheduler.__class__}'s `set_timesteps` does not support custom"
+                f" timestep schedules. Please check whether you are using the correct scheduler."
+            )
+        scheduler.set_timesteps(timesteps=timesteps, device=device, **kwargs)
+        timesteps = scheduler.timesteps
+        num_inference_steps = len(timesteps)
+    elif sigmas is not None:
+        accept_sigmas = "sigmas" in set(inspect.signature(scheduler.set_timesteps).parameters.keys())
+        if not accept_sigmas:
+            raise ValueError(
+                f"The current scheduler class {scheduler.__class__}'s `set_timesteps` does not support custom"
+                f" sigmas schedules. Please check whether you are using the correct scheduler."
+            )
+        scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+        timesteps = scheduler.timesteps
+        num_inference_steps = len(timesteps)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        timesteps = scheduler.timesteps
+    return timesteps, num_inference_steps
+
+
+@dataclass
+class Tuna2EncodedPrompt:
+    """What every denoising step feeds the model ([`Tuna2Pipeline.encode_prompt`]).
+
+    Attributes:
+        input_ids (`torch.LongTensor` of shape `(batch_size, length)`): the generated image's span after a cached
+            prefix, else the whole sequences (conditional rows, then the negative ones).
+        attention_mask (`torch.LongTensor` of shape `(batch_size, prefix_length + length)`): padding mask of the
+            prefix and of `input_ids`.
+        image_roles (`torch.LongTensor` of shape `(num_images,)`): roles of the images of `input_ids`, sample-major:
+            `TARGET` for each image being generated, `CONDITION` for an edit source.
+        condition_pixel_values (`torch.Tensor` of shape `(num_conditions, 3, height, width)`, *optional*): the clean
+            edit sources of `input_ids`.
+        past_key_values ([`Tuna2Cache`], *optional*): the prefix's keys and values, cut back to the prefix after
+            every step.
+    """
+
+    input_ids: torch.LongTensor
+    attention_mask: torch.LongTensor
+    image_roles: torch.LongTensor
+    condition_pixel_values: torch.Tensor | None = None
+    past_key_values: Tuna2Cache | None = None
 
 
 class Tuna2Pipeline(DiffusionPipeline):
@@ -242,8 +328,7 @@ class Tuna2Pipeline(DiffusionPipeline):
             raise ValueError(
                 f"height and width must be positive multiples of the patch size {patch_size}, got {height}x{width}"
             )
-        slots = self.processor.num_span_slots(height, width)
-        needed = slots * (2 if image is not None else 1) + 6
+        needed = generation_length(self.processor.num_span_slots(height, width), editing=image is not None)
         max_positions = self.model.config.text_config.max_position_embeddings
         if needed > max_positions:
             raise ValueError(
@@ -280,12 +365,12 @@ class Tuna2Pipeline(DiffusionPipeline):
         images: list | None = None,
         device: torch.device | None = None,
         use_prefix_cache: bool = True,
-    ) -> dict:
+    ) -> Tuna2EncodedPrompt:
         """Tokenizes the conditional sequences, then the negative ones (given for classifier-free guidance only),
         for `height x width` images (the pipeline's default size when not given); `images` are the sources of edits,
         one per prompt. With `use_prefix_cache`, the fixed prefix (prompt, and source image when editing) runs once
-        through the model and its keys and values are kept; every denoising step then feeds only the span of the
-        image being generated."""
+        through the model into a [`Tuna2Cache`]; every denoising step then feeds only the span of the image being
+        generated."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         height, width = self.image_size(height, width)
@@ -293,23 +378,28 @@ class Tuna2Pipeline(DiffusionPipeline):
         texts = prompts + (negative_prompts or [])
         sources = (images * (2 if negative_prompts else 1)) if images is not None else None
         inputs = self.processor.generation_inputs(texts, height, width, source_images=sources)
-        source_pixels = inputs["pixel_values"].to(device) if sources is not None else None
+        conditions = inputs["pixel_values"].to(device) if sources is not None else None
         prefix_ids, prefix_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         span_ids = inputs["span_ids"].to(device)
-        if use_prefix_cache:
-            ones = torch.ones(len(texts), device=device) if sources is not None else None
-            prefix_cache = self.model.encode_prefix(
-                prefix_ids, prefix_mask, pixel_values=source_pixels, timesteps=ones
-            )
-            return {"input_ids": span_ids, "attention_mask": None, "prefix_cache": prefix_cache, "sources": None}
-        input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"].to(device)], dim=1)
-        attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "prefix_cache": None,
-            "sources": source_pixels,
-        }
+        if not use_prefix_cache:
+            input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"].to(device)], dim=1)
+            attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
+            return Tuna2EncodedPrompt(input_ids, attention_mask, inputs["image_roles"], conditions)
+        cache = Tuna2Cache(config=self.model.config)
+        self.model(
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            pixel_values=conditions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return Tuna2EncodedPrompt(
+            input_ids=span_ids,
+            attention_mask=torch.cat([prefix_mask, torch.ones_like(span_ids)], dim=1),
+            image_roles=torch.full((len(texts),), Tuna2ImageRole.TARGET),
+            past_key_values=cache,
+        )
 
     def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         """`z = noise_scale * eps`, eps drawn image by image in fp32 (on the generator's device, the CPU by
@@ -328,39 +418,33 @@ class Tuna2Pipeline(DiffusionPipeline):
         )
         return (self.model.config.noise_scale * eps).to(device=device, dtype=dtype)
 
-    def predict_x0(self, latents: torch.Tensor, t: torch.Tensor, encoded: dict) -> torch.Tensor:
-        """x0 of every image being generated, guided when classifier-free guidance is on."""
-        states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
-        times = t.expand(states.shape[0])
-        if encoded["sources"] is not None:  # full recompute of an edit: each row holds (source, target)
-            pixel_values = torch.stack([encoded["sources"].to(states.dtype), states], dim=1).flatten(0, 1)
-            timesteps = torch.stack([torch.ones_like(times), times], dim=1).flatten()
-        else:
-            pixel_values, timesteps = states, times
-        x0 = self.model.predict_x0(
-            encoded["input_ids"],
-            pixel_values,
-            timesteps,
-            attention_mask=encoded["attention_mask"],
-            prefix_cache=encoded["prefix_cache"],
-        ).x0
-        if encoded["sources"] is not None:
-            x0 = x0[1::2]
-        if not self.do_classifier_free_guidance:
-            return x0
-        x0_cond, x0_uncond = x0.chunk(2)
-        low, high = self._cfg_interval
-        in_interval = t < high and (low == 0 or t > low)
-        return guided_x0(x0_cond, x0_uncond, self.guidance_scale if in_interval else 1.0)
+    def step_inputs(self, prompt_inputs: Tuna2EncodedPrompt, states: torch.Tensor, t: torch.Tensor) -> dict:
+        """The model's inputs at one step: the images being generated at their state `z_t`, any edit source clean."""
+        is_target = prompt_inputs.image_roles == Tuna2ImageRole.TARGET
+        pixel_values = states.new_empty((len(is_target), *states.shape[1:]))
+        pixel_values[is_target.to(states.device)] = states
+        if prompt_inputs.condition_pixel_values is not None:
+            pixel_values[~is_target.to(states.device)] = prompt_inputs.condition_pixel_values.to(states.dtype)
+        return {
+            "input_ids": prompt_inputs.input_ids,
+            "attention_mask": prompt_inputs.attention_mask,
+            "pixel_values": pixel_values,
+            "timesteps": torch.where(is_target.to(t.device), t, 1.0),
+            "image_roles": prompt_inputs.image_roles,
+            "past_key_values": prompt_inputs.past_key_values,
+        }
 
-    def set_timesteps(self, num_inference_steps: int, dtype: torch.dtype, device: torch.device):
-        """The official grid when the scheduler takes custom sigmas (sigma = 1 - t), else the scheduler's own."""
-        if "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            sigmas = 1 - timestep_grid(num_inference_steps, dtype)[:-1].float()
-            self.scheduler.set_timesteps(sigmas=sigmas.tolist(), device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return self.scheduler.timesteps
+    def guidance_scale_at(self, t: torch.Tensor) -> float:
+        """The CFG scale at time t: the pipeline's inside `cfg_interval` (official rule), 1 outside."""
+        low, high = self._cfg_interval
+        return self.guidance_scale if t < high and (low == 0 or t > low) else 1.0
+
+    def sigmas(self, num_inference_steps: int, dtype: torch.dtype) -> list[float] | None:
+        """The official grid as sigmas (sigma = 1 - t) when the scheduler takes custom sigmas, else None (the
+        scheduler's own grid)."""
+        if "sigmas" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            return None
+        return (1 - timestep_grid(num_inference_steps, dtype)[:-1].float()).tolist()
 
     # ------------------------------------------------------------------------------------------------ call
 
@@ -449,8 +533,7 @@ class Tuna2Pipeline(DiffusionPipeline):
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
 
-        self._onload_model()
-        encoded = self.encode_prompt(
+        prompt_inputs = self.encode_prompt(
             prompts,
             negative_prompts if self.do_classifier_free_guidance else None,
             height,
@@ -460,7 +543,8 @@ class Tuna2Pipeline(DiffusionPipeline):
             use_prefix_cache,
         )
         latents = self.prepare_latents(len(prompts), height, width, dtype, device, generator, latents)
-        timesteps = self.set_timesteps(num_inference_steps, dtype, device)
+        sigmas = self.sigmas(num_inference_steps, dtype)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
         self._num_timesteps = len(timesteps)
         num_train_timesteps = self.scheduler.config.num_train_timesteps
 
@@ -469,7 +553,14 @@ class Tuna2Pipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 t = 1 - timestep.float() / num_train_timesteps
-                x0 = self.predict_x0(latents, t, encoded)
+                states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+                # One row of logits, which denoising does not read.
+                x0 = self.model(**self.step_inputs(prompt_inputs, states, t), logits_to_keep=1).x0
+                if prompt_inputs.past_key_values is not None:
+                    prompt_inputs.past_key_values.crop(-prompt_inputs.input_ids.shape[1])
+                if self.do_classifier_free_guidance:
+                    x0_cond, x0_uncond = x0.chunk(2)
+                    x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
                 # The scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v.
                 model_output = -velocity(x0, latents, t, self.model.config.t_eps)
                 latents = self.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
@@ -492,12 +583,5 @@ class Tuna2Pipeline(DiffusionPipeline):
             return (output,)
         return ImagePipelineOutput(images=output)
 
-    def _onload_model(self):
-        """With `enable_model_cpu_offload()`, the offload hook wraps `forward` only; the pipeline calls other methods
-        of the model, so it moves the model to the execution device itself (as diffusers' `apply_forward_hook`)."""
-        hook = getattr(self.model, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(self.model)
 
-
-__all__ = ["Tuna2Pipeline"]
+__all__ = ["Tuna2EncodedPrompt", "Tuna2Pipeline"]

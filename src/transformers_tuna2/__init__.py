@@ -8,15 +8,9 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_tuna2 import Tuna2Config
+from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole
 from .image_processing_tuna2 import Tuna2ImageProcessor
-from .modeling_tuna2 import (
-    Tuna2ForConditionalGeneration,
-    Tuna2ImageRole,
-    Tuna2Model,
-    Tuna2PrefixCache,
-    Tuna2PreTrainedModel,
-)
+from .modeling_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2Model, Tuna2PreTrainedModel
 from .processing_tuna2 import Tuna2Processor
 
 AutoConfig.register("tuna2", Tuna2Config, exist_ok=True)
@@ -34,12 +28,12 @@ Tuna2ImageProcessor.register_for_auto_class("AutoImageProcessor")
 Tuna2Processor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "Tuna2Cache",
     "Tuna2Config",
     "Tuna2ForConditionalGeneration",
     "Tuna2ImageProcessor",
     "Tuna2ImageRole",
     "Tuna2Model",
-    "Tuna2PrefixCache",
     "Tuna2PreTrainedModel",
     "Tuna2Processor",
 ]

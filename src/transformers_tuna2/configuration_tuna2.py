@@ -1,11 +1,22 @@
 """Tuna-2 configuration: a Qwen2 language model, a pixel patch embedding and an adaLN flow head."""
 
+from enum import IntEnum
+
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2Config
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 OUTPUT_LAYOUTS = ("raster", "patch")
+
+
+class Tuna2ImageRole(IntEnum):
+    """What an image of a sequence is for."""
+
+    CONDITION = 0  # clean input (an edit source): t = 1
+    UNDERSTANDING = 1  # image to answer about: t = 1, lightly noised in training with `understanding_noise_prob`
+    TARGET = 2  # image to generate: the model predicts its x0 (in training, noised at a logit-normal t and supervised)
+
 
 # The llama3 frequency scaling the official flow head applies to its 1-D text RoPE.
 FLOW_HEAD_LLAMA3_ROPE_SCALING = {
@@ -165,4 +176,4 @@ class Tuna2Config(PreTrainedConfig):
         return cls(text_config=text_config, **kwargs)
 
 
-__all__ = ["Tuna2Config"]
+__all__ = ["Tuna2Config", "Tuna2ImageRole"]

@@ -7,6 +7,8 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import load_image
 from transformers.processing_utils import ImagesKwargs
 
+from .image_utils import stack_if_same_size
+
 # Resolution buckets as (height, width), in the official order (ties go to the first).
 BUCKETS = {
     "512": ((512, 512), (448, 576), (576, 448), (384, 672), (672, 384)),
@@ -187,11 +189,6 @@ class Tuna2ImageProcessor(BaseImageProcessor):
         if output_type == "pil":
             return [PIL.Image.fromarray(image) for image in array]
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-
-
-def stack_if_same_size(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-    """One `(n, C, H, W)` tensor when all images share a size, else the list (the layout of `pixel_values`)."""
-    return torch.stack(images) if len({tuple(image.shape) for image in images}) == 1 else images
 
 
 def flatten_images(images) -> list:

@@ -10,37 +10,29 @@ Flow-matching convention used throughout: t=1 is the clean image, t=0 is pure no
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import IntEnum
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, Qwen2Model
+from transformers import GenerationMixin, LlamaConfig, Qwen2Model
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_tuna2 import Tuna2Config
+from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole
 from .flow_matching import noisy_image, sample_training_t, v_loss_weight
-from .image_processing_tuna2 import stack_if_same_size
+from .image_utils import make_image_list, stack_if_same_size
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image spans
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class Tuna2ImageRole(IntEnum):
-    """What an image of a training batch is for."""
-
-    CONDITION = 0  # clean input (an edit source): t = 1
-    UNDERSTANDING = 1  # image to answer about: t = 1, lightly noised in training with `understanding_noise_prob`
-    TARGET = 2  # image to generate: noised at a logit-normal t and supervised by the flow loss
 
 
 @dataclass
@@ -54,11 +46,14 @@ class Tuna2ImageSpans:
             Position inside the span: 0 is the time slot, `1 + j` is patch j. -1 outside spans.
         lengths (`list[int]`):
             Length of each span (1 + number of patches).
+        grids (`list[tuple[int, int]]`):
+            Patch grid `(h, w)` of each image, once the spans are matched with their images.
     """
 
     image_index: torch.LongTensor
     span_position: torch.LongTensor
     lengths: list[int]
+    grids: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def from_input_ids(cls, input_ids: torch.LongTensor, image_token_id: int) -> "Tuna2ImageSpans":
@@ -79,25 +74,6 @@ class Tuna2ImageSpans:
     @property
     def is_patch(self) -> torch.BoolTensor:
         return self.span_position > 0
-
-    @property
-    def is_time_slot(self) -> torch.BoolTensor:
-        return self.span_position == 0
-
-
-def make_image_list(pixel_values: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-    """Returns the images of `pixel_values` (a `(n, C, H, W)` batch or a list of `(C, H, W)` tensors) as a list."""
-    if isinstance(pixel_values, torch.Tensor):
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}"
-            )
-        return list(pixel_values.unbind(0))
-    images = list(pixel_values)
-    for image in images:
-        if not isinstance(image, torch.Tensor) or image.ndim != 3:
-            raise ValueError("pixel_values given as a list must hold (channels, height, width) tensors")
-    return images
 
 
 def check_image_sizes(images: list[torch.Tensor], patch_size: int, num_channels: int) -> list[tuple[int, int]]:
@@ -135,16 +111,6 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, lay
         return tokens.reshape(h * patch_size, w * patch_size, channels).permute(2, 0, 1)
     patches = tokens.reshape(h, w, patch_size, patch_size, channels)
     return patches.permute(4, 0, 2, 1, 3).reshape(channels, h * patch_size, w * patch_size)
-
-
-def patchify(image: torch.Tensor, patch_size: int, layout: str) -> torch.Tensor:
-    """Inverse of [`unpatchify`]: `(C, H, W)` pixels -> `(h*w, p*p*C)` flow-head targets."""
-    channels, height, width = image.shape
-    h, w = height // patch_size, width // patch_size
-    if layout == "raster":
-        return image.permute(1, 2, 0).reshape(h * w, patch_size * patch_size * channels)
-    patches = image.reshape(channels, h, patch_size, w, patch_size).permute(1, 3, 2, 4, 0)
-    return patches.reshape(h * w, patch_size * patch_size * channels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,22 +167,6 @@ class Tuna2TimestepEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def llama3_inv_freq(dim: int, theta: float, rope_scaling: dict) -> torch.Tensor:
-    """Inverse frequencies of 1-D RoPE with llama3 scaling (long wavelengths divided by `factor`, smoothed between)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    factor = rope_scaling["factor"]
-    low_freq_factor, high_freq_factor = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-    old_context_len = rope_scaling["original_max_position_embeddings"]
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
 def image_rope_omegas(sections: list[int], theta: float) -> list[torch.Tensor]:
     """Per axis (frame, row, column) with `d` channels: `omega_k = theta^(-2k/d)`, k < d/2."""
     return [1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) for d in sections]
@@ -254,41 +204,45 @@ class Tuna2FlowHeadRotary:
 
 
 class Tuna2FlowHeadRotaryEmbedding(nn.Module):
-    """Builds the rotary tables of a flow-head call. The frequencies are recomputed in fp32 at each call (32 values
-    per axis) rather than kept as buffers, so that casting the model to bf16 cannot round them."""
+    """Builds the rotary tables of a flow-head call. The text frequencies are llama3-scaled RoPE, computed by
+    `modeling_rope_utils`. The frequencies are plain fp32 attributes rather than buffers, so that casting the model
+    to bf16 cannot round them."""
 
     def __init__(self, config: Tuna2Config):
         super().__init__()
-        self.head_dim = config.flow_head_head_dim
-        self.text_theta = config.flow_head_rope_theta
-        self.text_scaling = config.flow_head_rope_scaling
-        self.image_sections = config.image_rope_sections
-        self.image_theta = config.image_rope_theta
+        scaling = config.flow_head_rope_scaling
+        rope_config = LlamaConfig(
+            head_dim=config.flow_head_head_dim,
+            max_position_embeddings=int(scaling["original_max_position_embeddings"] * scaling["factor"]),
+            rope_parameters={**scaling, "rope_theta": config.flow_head_rope_theta},
+        )
+        with torch.device("cpu"):  # real values even when the model is built on the meta device to be loaded
+            self.text_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](rope_config)
+            self.image_omegas = image_rope_omegas(config.image_rope_sections, config.image_rope_theta)
 
     def forward(
-        self, dtype: torch.dtype, position_ids: torch.LongTensor, spans: Tuna2ImageSpans, grid_widths: torch.LongTensor
+        self, dtype: torch.dtype, position_ids: torch.LongTensor, spans: Tuna2ImageSpans
     ) -> Tuna2FlowHeadRotary:
         """
         Args:
             position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): absolute positions of text tokens.
-            spans (`Tuna2ImageSpans`): the image spans of the sequence.
-            grid_widths (`torch.LongTensor` of shape `(num_images,)`): patches per row of each image.
+            spans (`Tuna2ImageSpans`): the image spans of the sequence, with their grids.
         """
         device = position_ids.device
-        inv_freq = llama3_inv_freq(self.head_dim, self.text_theta, self.text_scaling).to(device)
-        freqs = position_ids[..., None].float() * inv_freq
+        freqs = position_ids[..., None].float() * self.text_inv_freq.to(device)
         text_angles = torch.cat((freqs, freqs), dim=-1)
         # Every span restarts its patch grid at (0, 0, 0): in editing, source and target share positions.
         patch = (spans.span_position - 1).clamp(min=0)
-        width = grid_widths[spans.image_index.clamp(min=0)] if spans.num_images else torch.ones_like(patch)
+        if spans.num_images:
+            grid_widths = torch.tensor([width for _, width in spans.grids], device=device)
+            width = grid_widths[spans.image_index.clamp(min=0)]
+        else:
+            width = torch.ones_like(patch)
         frame = torch.zeros_like(patch)
         image_angles = torch.cat(
             [
-                axis_pos[..., None].float() * omega
-                for axis_pos, omega in zip(
-                    (frame, patch // width, patch % width),
-                    [omega.to(device) for omega in image_rope_omegas(self.image_sections, self.image_theta)],
-                )
+                axis_pos[..., None].float() * omega.to(device)
+                for axis_pos, omega in zip((frame, patch // width, patch % width), self.image_omegas)
             ],
             dim=-1,
         )
@@ -337,7 +291,6 @@ class Tuna2FlowHeadAttention(nn.Module):
         self.head_dim = config.flow_head_head_dim
         self.num_key_value_groups = config.flow_head_num_attention_heads // config.flow_head_num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.attention_dropout = 0.0
         self.is_causal = True
         self.q_proj = nn.Linear(hidden_size, config.flow_head_num_attention_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, config.flow_head_num_key_value_heads * self.head_dim, bias=False)
@@ -449,7 +402,6 @@ class Tuna2FlowHead(nn.Module):
         hidden_states: torch.Tensor,
         time_embeds: torch.Tensor,
         spans: Tuna2ImageSpans,
-        grid_widths: torch.LongTensor,
         position_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
@@ -460,12 +412,14 @@ class Tuna2FlowHead(nn.Module):
             hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`): the LLM's final (normed)
                 hidden states.
             time_embeds (`torch.Tensor` of shape `(num_images, hidden_size)`): the adaLN conditioning of each image.
+            spans ([`Tuna2ImageSpans`]): the image spans of the sequence, with their grids.
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`), attention_mask: the language model's.
             past_key_values (`Cache`, *optional*): keys and values of earlier positions, extended in place.
 
         Returns:
             `torch.Tensor` of shape `(batch_size, seq_len, patch_size**2 * num_channels)`.
         """
-        rotary = self.rotary_emb(hidden_states.dtype, position_ids, spans, grid_widths)
+        rotary = self.rotary_emb(hidden_states.dtype, position_ids, spans)
         for layer in self.layers:
             hidden_states = layer(
                 hidden_states, time_embeds, spans.image_index, rotary, attention_mask, past_key_values, **kwargs
@@ -476,6 +430,22 @@ class Tuna2FlowHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tuna2ImageFeaturesOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(total_span_slots, hidden_size)`):
+        The span embeddings of all images, concatenated: for each image its time slot, then its patches.
+    time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`):
+        Timestep embedding of each image (its time slot and its adaLN conditioning).
+    image_grids (`list[tuple[int, int]]`):
+        Patch grid `(h, w)` of each image.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    time_embeds: torch.FloatTensor | None = None
+    image_grids: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -491,6 +461,12 @@ class Tuna2ModelOutputWithPast(ModelOutput):
         Attention weights of every language-model layer, when asked for.
     time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`, *optional*):
         Timestep embedding of each image (its time slot and its adaLN conditioning).
+    image_spans ([`Tuna2ImageSpans`]):
+        Where the images sit in the sequence, with their grids.
+    position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        The positions the language model used.
+    causal_mask_mapping (`dict[str, torch.Tensor]`):
+        The attention masks the language model used, by layer type; the flow head reuses them.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -498,25 +474,31 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     time_embeds: torch.FloatTensor | None = None
+    image_spans: Tuna2ImageSpans | None = None
+    position_ids: torch.LongTensor | None = None
+    causal_mask_mapping: dict | None = None
 
 
 @dataclass
 class Tuna2CausalLMOutputWithPast(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
-        `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss`, when `labels` or target images are given.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss`, when `labels` or images to noise are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, logits_to_keep or sequence_length, vocab_size)`):
         Language-model logits.
     past_key_values (`Cache`, *optional*):
-        Key/value cache of the language model.
+        The cache, extended: a [`Tuna2Cache`] when one was given, else the language model's cache.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden states of every language-model layer, when asked for.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Attention weights of every language-model layer, when asked for.
+    x0 (`torch.FloatTensor` of shape `(num_targets, num_channels, height, width)`, or a list of `(num_channels,
+    height, width)` tensors when the images differ in size, *optional*):
+        The flow head's prediction of the clean image of every `TARGET` image, in [-1, 1] pixel space (not clamped).
     lm_loss (`torch.FloatTensor`, *optional*):
         Next-token cross-entropy over the labels that are not -100 (0 when there are none).
     flow_loss (`torch.FloatTensor`, *optional*):
-        Weighted x0 error over the patch elements of the target images (0 when there are none).
+        v-weighted x0 error over the pixels of the target images (0 when there are none).
     """
 
     loss: torch.FloatTensor | None = None
@@ -524,22 +506,60 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    x0: torch.FloatTensor | list[torch.FloatTensor] | None = None
     lm_loss: torch.FloatTensor | None = None
     flow_loss: torch.FloatTensor | None = None
 
 
-@dataclass
-class Tuna2FlowOutput(ModelOutput):
-    r"""
-    x0 (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, or a list of `(num_channels, height,
-    width)` tensors when the images differ in size):
-        The flow head's prediction of the clean image of every image span, in [-1, 1] pixel space (not clamped).
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
-        Language-model logits, when asked for.
+class Tuna2Cache(Cache):
+    """
+    The keys and values of both stacks that attend over the sequence, the language model and the flow head, in the
+    spirit of transformers' `EncoderDecoderCache`. [`Tuna2ForConditionalGeneration`] extends both at each call, so
+    they always hold the same positions; `crop` cuts both. A denoising loop encodes its fixed prefix (the prompt, and
+    the source image when editing) once, then runs each step on the image span and crops back to the prefix.
+
+    Args:
+        language_model (`Cache`, *optional*): the language model's cache; a `DynamicCache` by default.
+        flow_head (`Cache`, *optional*): the flow head's cache; a `DynamicCache` by default.
+        config ([`Tuna2Config`], *optional*): configures the default language-model cache.
     """
 
-    x0: torch.FloatTensor | list[torch.FloatTensor] | None = None
-    logits: torch.FloatTensor | None = None
+    def __init__(
+        self, language_model: Cache | None = None, flow_head: Cache | None = None, config: Tuna2Config | None = None
+    ):
+        text_config = config.text_config if config is not None else None
+        self.language_model = language_model if language_model is not None else DynamicCache(config=text_config)
+        self.flow_head = flow_head if flow_head is not None else DynamicCache()
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(language_model={self.language_model}, flow_head={self.flow_head})"
+
+    def __len__(self) -> int:
+        return len(self.language_model)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.language_model.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.language_model.get_mask_sizes(query_length, layer_idx)
+
+    def crop(self, tokens_to_remove: int):
+        """Removes the last `-tokens_to_remove` positions (a negative number, as transformers' caches take it) of
+        both caches."""
+        self.language_model.crop(tokens_to_remove)
+        self.flow_head.crop(tokens_to_remove)
+
+    def reset(self):
+        self.language_model.reset()
+        self.flow_head.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.language_model.reorder_cache(beam_idx)
+        self.flow_head.reorder_cache(beam_idx)
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.language_model.is_compileable and self.flow_head.is_compileable
 
 
 class Tuna2PreTrainedModel(PreTrainedModel):
@@ -587,11 +607,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor | list[torch.Tensor], timesteps: torch.Tensor | None = None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        self, pixel_values: torch.Tensor | list[torch.Tensor], timesteps: torch.Tensor | None = None, **kwargs
+    ) -> Tuna2ImageFeaturesOutput:
         """
-        Embeds each image into the rows of its span.
+        Embeds each image into the rows of its span. There is no vision encoder: `output_hidden_states` and
+        `output_attentions` have nothing to add.
 
         Args:
             pixel_values (`torch.Tensor` of shape `(num_images, num_channels, height, width)`, or a list of
@@ -600,11 +622,11 @@ class Tuna2Model(Tuna2PreTrainedModel):
                 by default.
 
         Returns:
-            `(span_embeds, time_embeds)`: a list with one `(1 + num_patches, hidden_size)` tensor per image (the time
-            slot, then the patches) and the `(num_images, hidden_size)` time embeddings.
+            [`Tuna2ImageFeaturesOutput`]: the span embeddings of all images (each the time slot, then the patches),
+            the time embeddings and the patch grids.
         """
         images = make_image_list(pixel_values)
-        check_image_sizes(images, self.config.patch_size, self.config.num_channels)
+        grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
         device = self.patch_embed.patch_embedding.weight.device
         if timesteps is None:
             timesteps = torch.ones(len(images), device=device)
@@ -619,7 +641,9 @@ class Tuna2Model(Tuna2PreTrainedModel):
         if self.training and self.mask_token is not None:
             patch_embeds = [self.mask_patches(embeds) for embeds in patch_embeds]
         span_embeds = [torch.cat([time[None], patches]) for time, patches in zip(time_embeds, patch_embeds)]
-        return span_embeds, time_embeds
+        return Tuna2ImageFeaturesOutput(
+            last_hidden_state=torch.cat(span_embeds), time_embeds=time_embeds, image_grids=grids
+        )
 
     def mask_patches(self, patch_embeds: torch.Tensor) -> torch.Tensor:
         """Masked image modelling (training only): draws r ~ U(mask_ratio_min, mask_ratio_max) and replaces
@@ -642,19 +666,19 @@ class Tuna2Model(Tuna2PreTrainedModel):
         return torch.where(is_placeholder, image_token, -1)
 
     def get_placeholder_mask(
-        self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, span_embeds: list[torch.Tensor]
+        self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, image_grids: list[tuple[int, int]]
     ) -> torch.BoolTensor:
         """Checks that the image spans of `input_ids` match the images one to one and returns the `(B, L, 1)` mask of
         their positions."""
-        if spans.num_images != len(span_embeds):
+        if spans.num_images != len(image_grids):
             raise ValueError(
-                f"the input ids hold {spans.num_images} image spans but {len(span_embeds)} images were given"
+                f"the input ids hold {spans.num_images} image spans but {len(image_grids)} images were given"
             )
-        for i, (length, embeds) in enumerate(zip(spans.lengths, span_embeds)):
-            if length != embeds.shape[0]:
+        for i, (length, (h, w)) in enumerate(zip(spans.lengths, image_grids)):
+            if length != 1 + h * w:
                 raise ValueError(
-                    f"image span {i} has {length} slots but image {i} needs {embeds.shape[0]} "
-                    f"(1 time slot + {embeds.shape[0] - 1} patches)"
+                    f"image span {i} has {length} slots but image {i} needs {1 + h * w} "
+                    f"(1 time slot + {h * w} patches)"
                 )
         return (input_ids == self.config.image_token_id).unsqueeze(-1)
 
@@ -664,12 +688,12 @@ class Tuna2Model(Tuna2PreTrainedModel):
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
         position_ids: torch.LongTensor,
-        spans: Tuna2ImageSpans | None,
+        spans: Tuna2ImageSpans,
     ) -> dict[str, torch.Tensor | None]:
         """Causal attention, bidirectional inside each image span (time slot and patches, not the boi/eoi tokens),
         with the padding of `attention_mask`. Shared by the language model and the flow head."""
         block_sequence_ids = None
-        if spans is not None and spans.num_images > 0:
+        if spans.num_images > 0:
             # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             block_sequence_ids = nn.functional.pad(spans.image_index, (past_length, 0), value=-1)
@@ -694,7 +718,6 @@ class Tuna2Model(Tuna2PreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        image_spans: Tuna2ImageSpans | None = None,
         **kwargs,
     ) -> Tuna2ModelOutputWithPast:
         r"""
@@ -707,16 +730,16 @@ class Tuna2Model(Tuna2PreTrainedModel):
             Flow time of each image; t=1 (clean) by default.
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding. Position ids follow it when not given.
-        image_spans (`Tuna2ImageSpans`, *optional*):
-            The spans of `input_ids`, when the caller has already read them.
+
+        Returns:
+            [`Tuna2ModelOutputWithPast`], which also hands on the image spans, positions and attention masks it built,
+            for the flow head.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        span_ids = input_ids
-        if span_ids is None and pixel_values is not None:
-            span_ids = self.placeholder_ids(inputs_embeds)
+        span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
 
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -728,26 +751,27 @@ class Tuna2Model(Tuna2PreTrainedModel):
                 f"max_position_embeddings ({max_positions})"
             )
 
-        spans = image_spans
-        if spans is None and span_ids is not None:
-            spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
+        spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
         time_embeds = None
         if pixel_values is not None:
-            span_embeds, time_embeds = self.get_image_features(pixel_values, timesteps)
-            placeholder_mask = self.get_placeholder_mask(span_ids, spans, span_embeds)
-            image_embeds = torch.cat(span_embeds).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_features = self.get_image_features(pixel_values, timesteps)
+            placeholder_mask = self.get_placeholder_mask(span_ids, spans, image_features.image_grids)
+            image_embeds = image_features.last_hidden_state.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
-        elif spans is not None and spans.num_images and past_length == 0:
+            spans = replace(spans, grids=image_features.image_grids)
+            time_embeds = image_features.time_embeds
+        elif spans.num_images and past_length == 0:
             raise ValueError(f"the input ids hold {spans.num_images} image spans but no pixel_values were given")
 
-        if not isinstance(attention_mask, dict):
-            attention_mask = self.create_attention_mask(
+        causal_mask_mapping = attention_mask
+        if not isinstance(causal_mask_mapping, dict):
+            causal_mask_mapping = self.create_attention_mask(
                 inputs_embeds, attention_mask, past_key_values, position_ids, spans
             )
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=causal_mask_mapping,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
@@ -759,6 +783,9 @@ class Tuna2Model(Tuna2PreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             time_embeds=time_embeds,
+            image_spans=spans,
+            position_ids=position_ids,
+            causal_mask_mapping=causal_mask_mapping,
         )
 
     @staticmethod
@@ -807,79 +834,128 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Tuna2CausalLMOutputWithPast:
         r"""
+        One forward for every mode: the logits of understanding, the x0 of the images being generated, and the
+        losses of training.
+
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Token ids from [`Tuna2Processor`]; each image is a run of `<|image_pad|>` (time slot + patches).
         pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`, or a list of `(3, height, width)`
             tensors, *optional*):
-            The images of the spans in [-1, 1], sample-major.
+            The images of the spans in [-1, 1], sample-major: each at its flow time `timesteps` (the noisy `z_t` of
+            an image being generated), or clean when the model noises them itself (training, below).
         timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
-            Flow time of each image (t=1 clean, the default). With `image_roles`, it replaces the sampled times.
+            Flow time of each image (t=1 clean, the default).
         image_roles (`torch.LongTensor` of shape `(num_images,)`, *optional*):
-            [`Tuna2ImageRole`] of each image, for training on generation: `TARGET` images are noised to
-            `z_t = t x + (1 - t) noise_scale eps` with `t = sigmoid(N(P_mean, P_std))` and supervised by the flow loss;
-            in training mode `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`.
+            [`Tuna2ImageRole`] of each image. The flow head runs and `x0` holds the prediction of every `TARGET`
+            image. Without `timesteps` this is a training batch of clean images: `TARGET` images are noised to
+            `z_t = t x + (1 - t) noise_scale eps` with `t = sigmoid(N(P_mean, P_std))` and supervised by the flow
+            loss, and in training mode `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`.
+        attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
+            1 for tokens to attend to, 0 for padding (of the cached positions too).
+        past_key_values (`Cache`, *optional*):
+            A [`Tuna2Cache`] extends the language model and the flow head together (generating an image after
+            cached positions needs one); any other cache is the language model's, as in `generate()`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets, -100 where ignored. The model shifts them.
         shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets already shifted (the label of position i is the token at i + 1), as sequence-parallel training
             passes them; they replace `labels`.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
-            Compute logits for the last `logits_to_keep` positions only (0: all).
+            Compute logits for the last `logits_to_keep` positions only (0: all), or for the given positions.
         num_items_in_batch (`int`, *optional*):
             Label count over the whole (accumulated) batch, to normalise the next-token loss.
         """
+        clean_images = None
         if image_roles is not None:
-            if pixel_values is None or input_ids is None:
-                raise ValueError("image_roles need input_ids and pixel_values")
-            return self.forward_with_flow_loss(
-                input_ids,
-                pixel_values,
-                image_roles,
-                attention_mask,
-                labels,
-                timesteps,
-                num_items_in_batch,
-                shift_labels,
-            )
+            image_roles = torch.as_tensor(image_roles).reshape(-1).cpu()
+            num_images = 0 if pixel_values is None else len(make_image_list(pixel_values))
+            if image_roles.shape[0] != num_images:
+                raise ValueError(f"got {image_roles.shape[0]} image roles for {num_images} images")
+            if timesteps is None:
+                pixel_values, timesteps, clean_images = self.noise_images(pixel_values, image_roles)
+        targets = [] if image_roles is None else (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
+
+        language_model_cache, flow_head_cache = past_key_values, None
+        if isinstance(past_key_values, Tuna2Cache):
+            language_model_cache, flow_head_cache = past_key_values.language_model, past_key_values.flow_head
+        elif targets and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("generating after cached positions needs a Tuna2Cache, with the flow head keys too")
+
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             timesteps=timesteps,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=language_model_cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        x0 = None
+        # A Tuna2Cache keeps the flow head's keys in step with the language model's, even where nothing is generated.
+        if targets or flow_head_cache is not None:
+            x0 = self.predict_x0(outputs, targets, flow_head_cache, **kwargs)
+
         loss = lm_loss = flow_loss = None
         if labels is not None or shift_labels is not None:
             lm_loss = self.next_token_loss(logits, labels, num_items_in_batch, shift_labels)
-            flow_loss = torch.zeros((), device=lm_loss.device)
-            loss = self.config.lm_loss_weight * lm_loss
+        if clean_images is not None or lm_loss is not None:
+            if clean_images is not None and targets:
+                flow_loss = self.flow_loss(x0, [clean_images[i] for i in targets], timesteps[targets])
+            else:
+                flow_loss = logits.new_zeros(())
+            loss = self.config.flow_loss_weight * flow_loss
+            if lm_loss is not None:
+                loss = loss + self.config.lm_loss_weight * lm_loss
         return Tuna2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            past_key_values=past_key_values if flow_head_cache is not None else outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            x0=stack_if_same_size(x0) if targets else None,
             lm_loss=lm_loss,
             flow_loss=flow_loss,
         )
 
-    def next_token_loss(self, logits, labels, num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
-        """Cross-entropy of the shifted labels (or of `shift_labels`, already shifted); 0 (not NaN) when every label
-        is ignored, still attached to the graph so that every rank runs the same backward."""
-        targets = shift_labels if shift_labels is not None else labels[:, 1:]
-        if (targets != -100).any():
-            vocab_size = self.config.text_config.vocab_size
-            return self.loss_function(
-                logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
-            )
-        return logits.sum() * 0.0
+    def predict_x0(
+        self,
+        outputs: Tuna2ModelOutputWithPast,
+        targets: list[int],
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> list[torch.Tensor]:
+        """Runs the flow head on the language model's `outputs` and returns the `(C, H, W)` x0 prediction of each
+        image listed in `targets` (the time slot dropped, the patches un-patchified with `config.output_layout`)."""
+        spans = outputs.image_spans
+        hidden_states = outputs.last_hidden_state
+        time_embeds = outputs.time_embeds
+        if time_embeds is None:  # a text-only prefix: the head runs to extend its cache
+            time_embeds = hidden_states.new_zeros(0, hidden_states.shape[-1])
+        head_output = self.flow_head(
+            hidden_states,
+            time_embeds,
+            spans,
+            outputs.position_ids,
+            outputs.causal_mask_mapping["full_attention"],
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        patch_outputs = head_output[spans.is_patch].split([h * w for h, w in spans.grids])
+        patch_size, layout = self.config.patch_size, self.config.output_layout
+        return [unpatchify(patch_outputs[i], spans.grids[i], patch_size, layout) for i in targets]
+
+    def noise_images(
+        self, pixel_values: torch.Tensor | list[torch.Tensor], image_roles: torch.LongTensor
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """Training: draws the flow time of each image by role ([`~Tuna2ForConditionalGeneration.training_timesteps`])
+        and noises it. Returns the noisy `pixel_values`, the times and the clean fp32 images."""
+        t = self.training_timesteps(image_roles).to(self.device)
+        clean = [image.to(self.device, torch.float32) for image in make_image_list(pixel_values)]
+        noised = [noisy_image(x, torch.randn_like(x), t[i], self.config.noise_scale) for i, x in enumerate(clean)]
+        return stack_if_same_size(noised), t, clean
 
     def training_timesteps(self, image_roles: torch.LongTensor) -> torch.Tensor:
         """t of each image: logit-normal for targets; 1 for conditions; 1, or with `understanding_noise_prob` in
@@ -894,226 +970,30 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             t[noised] = 1 - torch.rand(int(noised.sum())) * config.understanding_noise_level
         return t
 
-    def forward_with_flow_loss(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | list[torch.Tensor],
-        image_roles: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        timesteps: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-    ) -> Tuna2CausalLMOutputWithPast:
-        """The training forward on a batch with images: noises the images by role, runs the language model and the
-        flow head once, and returns the next-token loss, the flow loss and their weighted sum."""
-        images = make_image_list(pixel_values)
-        grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
-        image_roles = torch.as_tensor(image_roles).reshape(-1).cpu()
-        if image_roles.shape[0] != len(images):
-            raise ValueError(f"got {image_roles.shape[0]} image roles for {len(images)} images")
-        t = self.training_timesteps(image_roles) if timesteps is None else torch.as_tensor(timesteps).reshape(-1)
-        t = t.to(device=self.device, dtype=torch.float32)
-        clean = [image.to(self.device, torch.float32) for image in images]
-        noised = [noisy_image(x, torch.randn_like(x), t[i], self.config.noise_scale) for i, x in enumerate(clean)]
-        targets = (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
-        if targets:
-            hidden_states, head_output, spans = self._run_flow_head(
-                input_ids, stack_if_same_size(noised), t, attention_mask, None
-            )
-        else:  # understanding only: the flow head has nothing to predict
-            hidden_states = self.model(
-                input_ids=input_ids,
-                pixel_values=stack_if_same_size(noised),
-                timesteps=t,
-                attention_mask=attention_mask,
-            ).last_hidden_state
-        logits = self.lm_head(hidden_states)
-        lm_loss = None
-        if labels is not None or shift_labels is not None:
-            lm_loss = self.next_token_loss(logits, labels, num_items_in_batch, shift_labels)
-
-        squared_error, num_elements = logits.new_zeros(()), 0
-        if targets:
-            patch_outputs = head_output[spans.is_patch].split([h * w for h, w in grids])
-        for i in targets:
-            target = patchify(clean[i], self.config.patch_size, self.config.output_layout)
-            error = (patch_outputs[i].float() - target) ** 2
-            squared_error = squared_error + v_loss_weight(t[i], self.config.t_eps) * error.sum()
-            num_elements += error.numel()
-        flow_loss = squared_error / max(num_elements, 1)
-        loss = self.config.flow_loss_weight * flow_loss
-        if lm_loss is not None:
-            loss = loss + self.config.lm_loss_weight * lm_loss
-        return Tuna2CausalLMOutputWithPast(loss=loss, logits=logits, lm_loss=lm_loss, flow_loss=flow_loss)
-
-    def predict_x0(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | list[torch.Tensor],
-        timesteps: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        prefix_cache: "Tuna2PrefixCache | None" = None,
-        return_logits: bool = False,
-        **kwargs,
-    ) -> Tuna2FlowOutput:
-        r"""
-        Runs the language model and the flow head and returns the x0 prediction of every image span of `input_ids`
-        (the time slot dropped, the patches un-patchified with `config.output_layout`).
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Token ids with one image span per image (after the prefix, when `prefix_cache` is given).
-            pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)` or a list of `(3, height, width)`
-                tensors):
-                The current state of each image: noisy `z_t` for images being generated, clean for conditions.
-            timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
-                Flow time of each image (t=1 clean, the default).
-            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Padding mask of `input_ids`.
-            prefix_cache ([`Tuna2PrefixCache`], *optional*):
-                From [`~Tuna2ForConditionalGeneration.encode_prefix`]: `input_ids` continue that prefix, which is
-                not recomputed. The cache is left as it was.
-            return_logits (`bool`, defaults to `False`):
-                Also return the language-model logits of `input_ids`.
-
-        Returns:
-            [`Tuna2FlowOutput`] with `x0` of shape `(num_images, 3, height, width)` (a list if sizes differ).
-        """
-        grids = check_image_sizes(make_image_list(pixel_values), self.config.patch_size, self.config.num_channels)
-        try:
-            hidden_states, head_output, spans = self._run_flow_head(
-                input_ids, pixel_values, timesteps, attention_mask, prefix_cache, **kwargs
-            )
-        finally:
-            if prefix_cache is not None:
-                prefix_cache.rewind()
-        patch_outputs = head_output[spans.is_patch].split([h * w for h, w in grids])
-        x0 = [
-            unpatchify(tokens, grid, self.config.patch_size, self.config.output_layout)
-            for tokens, grid in zip(patch_outputs, grids)
-        ]
-        logits = self.lm_head(hidden_states) if return_logits else None
-        x0 = stack_if_same_size(x0)
-        return Tuna2FlowOutput(x0=x0, logits=logits)
-
-    def encode_prefix(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
-        timesteps: torch.Tensor | None = None,
-    ) -> "Tuna2PrefixCache":
-        r"""
-        Runs the language model and the flow head over a prefix that stays fixed while an image is denoised (the
-        prompt, and the clean source image when editing), and keeps the keys and values of both.
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, prefix_length)`): left-padded prefix ids.
-            attention_mask (`torch.Tensor` of shape `(batch_size, prefix_length)`, *optional*): its padding mask.
-            pixel_values, timesteps: images of the prefix's spans, if any (t=1 by default).
-
-        Returns:
-            [`Tuna2PrefixCache`] to pass to [`~Tuna2ForConditionalGeneration.predict_x0`].
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        prefix_cache = Tuna2PrefixCache(
-            language_model=DynamicCache(config=self.config.text_config),
-            flow_head=DynamicCache(),
-            attention_mask=attention_mask[:, :0],
+    def flow_loss(self, x0: list[torch.Tensor], clean: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """JiT's v-loss: `sum_i w(t_i) ||x0_i - x_i||^2` over the target images, per pixel value, with `w` from
+        [`v_loss_weight`]."""
+        squared_error = sum(
+            v_loss_weight(t_i, self.config.t_eps) * ((x0_i.float() - x_i) ** 2).sum()
+            for x0_i, x_i, t_i in zip(x0, clean, t)
         )
-        self._run_flow_head(input_ids, pixel_values, timesteps, attention_mask, prefix_cache)
-        prefix_cache.attention_mask = attention_mask
-        return prefix_cache
+        return squared_error / sum(x.numel() for x in clean)
 
-    def _run_flow_head(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | list[torch.Tensor] | None,
-        timesteps: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        prefix_cache: "Tuna2PrefixCache | None",
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, Tuna2ImageSpans]:
-        """The language model then the flow head over `input_ids`, after the cached prefix if any. Returns the LLM's
-        final hidden states, the flow head's per-token outputs `(B, L, p*p*C)` and the spans of `input_ids`."""
-        past_length = prefix_cache.length if prefix_cache is not None else 0
-        if prefix_cache is not None:
-            current_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            attention_mask = torch.cat([prefix_cache.attention_mask, current_mask.to(prefix_cache.attention_mask)], 1)
-        # The mask builder reads only the batch size, length, dtype and device of its embeddings argument.
-        shape_only = torch.empty((*input_ids.shape, 0), dtype=self.dtype, device=input_ids.device)
-        position_ids = Tuna2Model.default_position_ids(shape_only, attention_mask, past_length)
-        spans = Tuna2ImageSpans.from_input_ids(input_ids, self.config.image_token_id)
-        llm_cache = prefix_cache.language_model if prefix_cache is not None else None
-        mask = self.model.create_attention_mask(shape_only, attention_mask, llm_cache, position_ids, spans)
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            timesteps=timesteps,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=llm_cache,
-            use_cache=prefix_cache is not None,
-            image_spans=spans,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
-        if outputs.time_embeds is not None:
-            time_embeds = outputs.time_embeds
-            grid_widths = torch.tensor(
-                [image.shape[-1] // self.config.patch_size for image in make_image_list(pixel_values)],
-                device=input_ids.device,
+    def next_token_loss(self, logits, labels, num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
+        """Cross-entropy of the shifted labels (or of `shift_labels`, already shifted); 0 (not NaN) when every label
+        is ignored, still attached to the graph so that every rank runs the same backward."""
+        targets = shift_labels if shift_labels is not None else labels[:, 1:]
+        if (targets != -100).any():
+            vocab_size = self.config.text_config.vocab_size
+            return self.loss_function(
+                logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
             )
-        else:
-            time_embeds = hidden_states.new_zeros(0, hidden_states.shape[-1])
-            grid_widths = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        head_output = self.flow_head(
-            hidden_states,
-            time_embeds,
-            spans,
-            grid_widths,
-            position_ids,
-            mask["full_attention"],
-            past_key_values=prefix_cache.flow_head if prefix_cache is not None else None,
-            **kwargs,
-        )
-        return hidden_states, head_output, spans
-
-
-@dataclass
-class Tuna2PrefixCache:
-    """Keys and values of a fixed prefix, in the language model and in the flow head, so that each denoising step
-    runs only the image span. [`~Tuna2ForConditionalGeneration.predict_x0`] extends both caches and then rewinds
-    them to the prefix.
-
-    Attributes:
-        language_model (`DynamicCache`): the language model's cache.
-        flow_head (`DynamicCache`): the flow head's cache.
-        attention_mask (`torch.LongTensor` of shape `(batch_size, prefix_length)`): the prefix's padding mask.
-    """
-
-    language_model: DynamicCache
-    flow_head: DynamicCache
-    attention_mask: torch.LongTensor
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
-
-    def rewind(self):
-        """Drops whatever was appended after the prefix."""
-        for cache in (self.language_model, self.flow_head):
-            extra = cache.get_seq_length() - self.length
-            if extra > 0:
-                cache.crop(-extra)
+        return logits.sum() * 0.0
 
 
 __all__ = [
     "Tuna2PreTrainedModel",
     "Tuna2Model",
     "Tuna2ForConditionalGeneration",
-    "Tuna2PrefixCache",
-    "Tuna2ImageRole",
+    "Tuna2Cache",
 ]

@@ -8,6 +8,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
+from .configuration_tuna2 import Tuna2ImageRole
 from .image_processing_tuna2 import Tuna2ImageProcessorKwargs, flatten_images
 
 logger = logging.get_logger(__name__)
@@ -36,16 +37,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def generation_length(num_span_slots: int, editing: bool, prompt_length: int = 0) -> int:
+    """Positions of a generation sequence ([`Tuna2Processor.generation_inputs`]) around a prompt of
+    `prompt_length` tokens: the generated span and 4 special tokens; editing adds the source's span and 2 more."""
+    return prompt_length + (2 * num_span_slots + 6 if editing else num_span_slots + 4)
+
+
 def official_text_budget(num_span_slots: int, editing: bool) -> int | None:
     """Token budget of a generation prompt in the official pipelines (which pad to fixed lengths): text-to-image uses
-    2048 or 5120 positions, whichever is closer to `h*w + 1024`, minus the span and 4 special tokens; editing uses
-    4096 minus two spans and 6 special tokens. None where that budget is not positive (no truncation)."""
+    2048 or 5120 positions, whichever is closer to `h*w + 1024`; editing uses 4096; both minus the
+    [`generation_length`] of an empty prompt. None where that budget is not positive (no truncation)."""
     if editing:
-        budget = 4096 - 2 * num_span_slots - 6
+        max_seq_len = 4096
     else:
         patches = num_span_slots - 1
         max_seq_len = 2048 if abs(patches + 1024 - 2048) < abs(patches + 1024 - 5120) else 5120
-        budget = max_seq_len - num_span_slots - 4
+    budget = max_seq_len - generation_length(num_span_slots, editing)
     return budget if budget > 0 else None
 
 
@@ -129,8 +136,9 @@ class Tuna2Processor(ProcessorMixin):
 
         Returns:
             [`BatchFeature`] with `input_ids` and `attention_mask` of the left-padded prefixes, `span_ids`
-            `(batch_size, 1 + num_patches)` (the generated image's span), `suffix_ids` `(batch_size, 2)` and, for
-            editing, the sources' `pixel_values`.
+            `(batch_size, 1 + num_patches)` (the generated image's span), `suffix_ids` `(batch_size, 2)`,
+            `image_roles` of the images of the whole sequences, sample-major (`CONDITION` for a source, `TARGET` for
+            the generated image) and, for editing, the sources' `pixel_values`.
         """
         num_slots = self.num_span_slots(height, width)
         budget = official_text_budget(num_slots, editing=source_images is not None)
@@ -152,6 +160,8 @@ class Tuna2Processor(ProcessorMixin):
             data["pixel_values"] = pixel_values
             source_span = [self.image_token_id] * num_slots
             prefixes = [[start, boi, *source_span, eoi, *ids, boi] for ids in text_ids]
+        roles = [Tuna2ImageRole.TARGET] if source_images is None else [Tuna2ImageRole.CONDITION, Tuna2ImageRole.TARGET]
+        data["image_roles"] = torch.tensor(roles * len(prompts))
         padded = self.tokenizer.pad({"input_ids": prefixes}, padding=True, padding_side="left", return_tensors="pt")
         data["input_ids"], data["attention_mask"] = padded["input_ids"], padded["attention_mask"]
         data["span_ids"] = torch.full((len(prompts), num_slots), self.image_token_id)
