@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model.py [--threads 2] [--repeats 5]
 
-Tiny config (tests/tiny.py): LLM hidden 128, 2 layers; flow head 2 blocks; one 256x256 image (256 patches) plus a
+Tiny config (tuna2_training.tiny): LLM hidden 128, 2 layers; flow head 2 blocks; one 256x256 image (256 patches) plus a
 short chat prompt. Reports the median of `--repeats` runs of: an understanding forward (LLM + lm_head), an x0
 prediction (LLM + flow head), and greedy `generate()` of 32 new tokens with the KV cache.
 """
@@ -10,15 +10,12 @@ prediction (LLM + flow head), and greedy `generate()` of 32 new tokens with the 
 import argparse
 import platform
 import statistics
-import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from tiny import build_processor, build_tokenizer, tiny_model  # noqa: E402
+from tuna2_training.tiny import build_processor, build_tokenizer, tiny_model
 
 
 def median_seconds(fn, repeats):

@@ -10,8 +10,7 @@ from transformers import AutoTokenizer
 
 from diffusers_tuna2.conversion.official_keys import official_to_hf_key
 from transformers_tuna2 import Tuna2ForConditionalGeneration
-
-from tiny import build_processor, build_tokenizer, tiny_config, tiny_model
+from tuna2_training.tiny import build_processor, build_tokenizer, tiny_config, tiny_model
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 SHAPES_EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes"

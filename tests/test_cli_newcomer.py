@@ -20,8 +20,7 @@ import pytest
 import diffusers_tuna2.demo
 from diffusers_tuna2 import Tuna2Pipeline
 from diffusers_tuna2.cli import check_output, main
-
-from tiny import build_processor, tiny_model
+from tuna2_training.tiny import build_processor, tiny_model
 
 ROOT = Path(__file__).parent.parent
 QWEN_TINY = Path(__file__).parent / "fixtures" / "conversion" / "qwen_tiny"

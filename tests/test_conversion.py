@@ -23,8 +23,7 @@ import diffusers_tuna2.conversion.init_from_qwen2 as initializer
 from diffusers_tuna2 import Tuna2Pipeline
 from diffusers_tuna2.conversion.official_keys import hf_to_official_key
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2Processor
-
-from tiny import randomize_, tiny_config
+from tuna2_training.tiny import randomize_, tiny_config
 
 QWEN_TINY = Path(__file__).parent / "fixtures" / "conversion" / "qwen_tiny"
 CASES = json.loads((OFFICIAL / "cases.json").read_text())
