@@ -23,9 +23,9 @@ import init_model  # noqa: E402
 import make_data  # noqa: E402
 
 from transformers_tuna2 import Tuna2ForConditionalGeneration  # noqa: E402
-from transformers_tuna2.data import Tuna2Collator, Tuna2MixtureDataset, read_jsonl  # noqa: E402
 from transformers_tuna2.processing_tuna2 import Tuna2Processor  # noqa: E402
-from transformers_tuna2.training import Tuna2SFTTrainer  # noqa: E402
+from tuna2_training.data import Tuna2Collator, Tuna2MixtureDataset, read_jsonl  # noqa: E402
+from tuna2_training.trainer import Tuna2SFTTrainer  # noqa: E402
 
 
 def run(mode: str, folder: Path, data: dict, steps: int, batch_size: int) -> dict:

@@ -36,8 +36,8 @@ def write_checkpoint(folder: Path, hidden_size: int, llm_layers: int, flow_head_
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen2Config
 
-    from diffusers_tuna2.conversion.official_keys import hf_to_official_key
     from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
+    from transformers_tuna2.convert_tuna2_weights_to_hf import hf_to_official_key
 
     heads, intermediate_size = hidden_size // 64, 11 * hidden_size // 4
     text_config = Qwen2Config(

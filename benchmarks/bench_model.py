@@ -2,7 +2,7 @@
 
     python benchmarks/bench_model.py [--threads 2] [--repeats 5]
 
-Tiny config (tests/tiny.py): LLM hidden 128, 2 layers; flow head 2 blocks; one 256x256 image (256 patches) plus a
+Tiny config (tuna2_training.tiny): LLM hidden 128, 2 layers; flow head 2 blocks; one 256x256 image (256 patches) plus a
 short chat prompt. Reports the median of `--repeats` runs of: an understanding forward (LLM + lm_head), an x0
 prediction (LLM + flow head), and greedy `generate()` of 32 new tokens with the KV cache.
 """
@@ -10,15 +10,13 @@ prediction (LLM + flow head), and greedy `generate()` of 32 new tokens with the 
 import argparse
 import platform
 import statistics
-import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from tiny import build_processor, build_tokenizer, tiny_model  # noqa: E402
+from transformers_tuna2 import Tuna2ImageRole
+from tuna2_training.tiny import build_processor, build_tokenizer, tiny_model
 
 
 def median_seconds(fn, repeats):
@@ -56,7 +54,8 @@ def main():
 
     with torch.inference_mode():
         forward = median_seconds(lambda: model(**inputs), args.repeats)
-        x0 = median_seconds(lambda: model.predict_x0(**inputs), args.repeats)
+        as_target = {"timesteps": torch.tensor([0.5]), "image_roles": torch.tensor([Tuna2ImageRole.TARGET])}
+        x0 = median_seconds(lambda: model(**inputs, **as_target), args.repeats)
         generate = median_seconds(
             lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
             args.repeats,
@@ -67,7 +66,7 @@ def main():
         f"{args.threads} threads, sequence {length} tokens, fp32"
     )
     print(f"forward (LLM + lm_head):       {forward * 1e3:8.2f} ms")
-    print(f"predict_x0 (LLM + flow head):  {x0 * 1e3:8.2f} ms")
+    print(f"forward, x0 (LLM + flow head): {x0 * 1e3:8.2f} ms")
     print(
         f"generate {new_tokens} tokens (cache):  {generate * 1e3:8.2f} ms  "
         f"({new_tokens / generate:.0f} tokens/s after a {length}-token prefill)"

@@ -12,18 +12,14 @@ whole sequence included); with --peak-tflops, the fraction of that peak.
 
 import argparse
 import platform
-import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline  # noqa: E402
-from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration  # noqa: E402
-
-from tiny import build_processor, build_tokenizer, tiny_model  # noqa: E402
+from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline
+from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration
+from tuna2_training.tiny import build_processor, build_tokenizer, tiny_model
 
 
 def span_flops(config: Tuna2Config, span: int, context: int) -> float:

@@ -22,8 +22,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from trl import SFTConfig
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
-from transformers_tuna2.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
-from transformers_tuna2.training import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
+from tuna2_training.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
+from tuna2_training.trainer import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
 
 OFFICIAL_WEIGHTS = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}
 

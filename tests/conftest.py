@@ -8,10 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from diffusers_tuna2.conversion.official_keys import official_to_hf_key
 from transformers_tuna2 import Tuna2ForConditionalGeneration
-
-from tiny import build_processor, build_tokenizer, tiny_config, tiny_model
+from transformers_tuna2.convert_tuna2_weights_to_hf import official_to_hf_key
+from tuna2_training.tiny import build_processor, build_tokenizer, tiny_config, tiny_model
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 SHAPES_EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes"

@@ -20,8 +20,7 @@ import pytest
 import diffusers_tuna2.demo
 from diffusers_tuna2 import Tuna2Pipeline
 from diffusers_tuna2.cli import check_output, main
-
-from tiny import build_processor, tiny_model
+from tuna2_training.tiny import build_processor, tiny_model
 
 ROOT = Path(__file__).parent.parent
 QWEN_TINY = Path(__file__).parent / "fixtures" / "conversion" / "qwen_tiny"
@@ -277,7 +276,7 @@ def run_script(*argv, cwd) -> subprocess.CompletedProcess:
     "entry_point, prog",
     [
         ((str(ROOT / "conversion" / "convert_tuna2_to_hf.py"),), "convert_tuna2_to_hf.py"),
-        (("-m", "diffusers_tuna2.conversion.convert_tuna2_to_hf"), "convert_tuna2_to_hf.py"),
+        (("-m", "transformers_tuna2.convert_tuna2_weights_to_hf"), "convert_tuna2_weights_to_hf.py"),
     ],
 )
 def test_conversion_script_reports_a_missing_checkpoint_in_one_line(entry_point, prog, tmp_path):

@@ -1,4 +1,5 @@
-"""The converters in conversion/: official checkpoints into the shared folder, and new models from Qwen2.
+"""The converters of transformers_tuna2 (official checkpoints, new models from Qwen2), and `tuna2 convert` and
+`tuna2 init` (diffusers_tuna2.conversion), which add the pipeline's files: the shared folder.
 
 Parity goes through the converter and the folder it writes: the official fixture weights, converted, must give what
 the official implementation computed (tests/fixtures/official)."""
@@ -18,13 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-import diffusers_tuna2.conversion.convert_tuna2_to_hf as converter
-import diffusers_tuna2.conversion.init_from_qwen2 as initializer
+import transformers_tuna2.convert_tuna2_weights_to_hf as converter
+import transformers_tuna2.init_tuna2_from_qwen2 as initializer
 from diffusers_tuna2 import Tuna2Pipeline
-from diffusers_tuna2.conversion.official_keys import hf_to_official_key
+from diffusers_tuna2.conversion import convert_main, init_main
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2Processor
-
-from tiny import randomize_, tiny_config
+from transformers_tuna2.convert_tuna2_weights_to_hf import hf_to_official_key
+from tuna2_training.tiny import randomize_, tiny_config
 
 QWEN_TINY = Path(__file__).parent / "fixtures" / "conversion" / "qwen_tiny"
 CASES = json.loads((OFFICIAL / "cases.json").read_text())
@@ -225,7 +226,7 @@ def test_every_checkpoint_layout_converts_to_the_same_folder(tmp_path, official_
 
 def test_sharded_bfloat16_folder_holds_one_copy_of_the_weights(tmp_path, official_state_dict, converted_folder):
     output = tmp_path / "bf16"
-    converter.main(
+    convert_main(
         [
             *("--checkpoint", str(shutil.copy(OFFICIAL / "official.safetensors", tmp_path))),
             *("--tokenizer", str(QWEN_TINY), "--output", str(output)),
@@ -482,9 +483,7 @@ def test_init_from_qwen2_initialises_the_new_parts_as_the_official_code(tmp_path
 def test_init_from_qwen2_writes_a_folder_for_both_libraries_in_the_qwen_dtype(tmp_path):
     qwen = make_qwen_folder(tmp_path / "qwen", 648)
     qwen.to(torch.bfloat16).save_pretrained(tmp_path / "qwen")
-    initializer.main(
-        ["--qwen", str(tmp_path / "qwen"), "--output", str(tmp_path / "tuna2"), "--flow-head-layers", "1"]
-    )
+    init_main(["--qwen", str(tmp_path / "qwen"), "--output", str(tmp_path / "tuna2"), "--flow-head-layers", "1"])
     pipeline = Tuna2Pipeline.from_pretrained(tmp_path / "tuna2")
     assert pipeline.model.dtype == torch.bfloat16 and isinstance(pipeline.processor, Tuna2Processor)
     assert pipeline.model.generation_config.eos_token_id == 642 and not pipeline.model.generation_config.do_sample

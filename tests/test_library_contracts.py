@@ -12,8 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers_tuna2 import Tuna2Pipeline
 from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
 from transformers_tuna2.modeling_tuna2 import Tuna2ImageRole
-
-from tiny import build_processor
+from tuna2_training.tiny import build_processor
 
 # ---------------------------------------------------------------------------------------------------- processor
 

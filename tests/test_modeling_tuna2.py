@@ -5,8 +5,7 @@ import torch
 
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageRole
 from transformers_tuna2.modeling_tuna2 import Tuna2ImageSpans, unpatchify
-
-from tiny import tiny_config, tiny_model
+from tuna2_training.tiny import tiny_config, tiny_model
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 

@@ -8,8 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from transformers import AutoModelForImageTextToText
 
 from diffusers_tuna2 import Tuna2Pipeline
-
-from tiny import build_processor, tiny_model
+from tuna2_training.tiny import build_processor, tiny_model
 
 SIZE = dict(height=32, width=48)
 SHORT_NEGATIVE = "blurry, low quality"

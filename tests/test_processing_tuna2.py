@@ -4,8 +4,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
-
-from tiny import build_processor
+from tuna2_training.tiny import build_processor
 
 
 def test_single_image_question_reproduces_official_evaluation_sequence(official_tokenizer, official_reference):

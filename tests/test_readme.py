@@ -6,7 +6,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from tiny import build_processor, tiny_model
+from tuna2_training.tiny import build_processor, tiny_model
 
 README = Path(__file__).parents[1] / "README.md"
 

@@ -9,8 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Model, Tuna2Processor
-
-from tiny import build_processor, tiny_model
+from tuna2_training.tiny import build_processor, tiny_model
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 

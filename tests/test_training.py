@@ -14,10 +14,9 @@ from trl import SFTConfig
 
 from diffusers_tuna2 import Tuna2Pipeline
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageRole
-from transformers_tuna2.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, Tuna2Sample, read_jsonl
-from transformers_tuna2.training import Tuna2SFTTrainer, lora_target_modules
-
-from tiny import build_processor, tiny_config, tiny_model
+from tuna2_training.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, Tuna2Sample, read_jsonl
+from tuna2_training.tiny import build_processor, tiny_config, tiny_model
+from tuna2_training.trainer import Tuna2SFTTrainer, lora_target_modules
 
 ROOT = Path(__file__).parents[1]
 

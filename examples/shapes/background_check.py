@@ -17,14 +17,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
 import shapes  # noqa: E402
 
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2Processor  # noqa: E402
-from transformers_tuna2.data import Tuna2Collator, Tuna2Sample  # noqa: E402
-from transformers_tuna2.tokenization_utils import train_byte_level_tokenizer  # noqa: E402
-
-from tiny import tiny_config  # noqa: E402
+from tuna2_training.data import Tuna2Collator, Tuna2Sample  # noqa: E402
+from tuna2_training.tiny import tiny_config  # noqa: E402
+from tuna2_training.tokenizer import train_byte_level_tokenizer  # noqa: E402
 
 QUESTION = "What colour is the shape?"
 

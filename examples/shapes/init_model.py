@@ -17,7 +17,7 @@ from shapes import COLOURS, POSITIONS, QUESTIONS, SHAPES, SIZE  # noqa: E402
 from diffusers_tuna2 import Tuna2Pipeline  # noqa: E402
 from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2Processor  # noqa: E402
 from transformers_tuna2.processing_tuna2 import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from transformers_tuna2.tokenization_utils import train_byte_level_tokenizer  # noqa: E402
+from tuna2_training.tokenizer import train_byte_level_tokenizer  # noqa: E402
 
 
 def training_texts(data: Path) -> list[str]:

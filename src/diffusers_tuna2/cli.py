@@ -255,11 +255,11 @@ def app(args):
 
 
 def run_script(name: str, argv: list[str]) -> int:
-    """`tuna2 convert` and `tuna2 init` hand their arguments to the conversion scripts, which report their errors."""
-    from diffusers_tuna2.conversion import convert_tuna2_to_hf, init_from_qwen2
+    """`tuna2 convert` and `tuna2 init` hand their arguments to the converters, which report their errors."""
+    from diffusers_tuna2 import conversion
 
-    script = convert_tuna2_to_hf if name == "convert" else init_from_qwen2
-    return script.main(argv, prog=f"tuna2 {name}")
+    script = conversion.convert_main if name == "convert" else conversion.init_main
+    return script(argv, prog=f"tuna2 {name}")
 
 
 # ---------------------------------------------------------------------------------------------------- parser

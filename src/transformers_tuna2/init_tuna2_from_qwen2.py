@@ -1,7 +1,10 @@
 """Builds a new Tuna-2 from a Qwen2 / Qwen2.5(-Instruct) folder, initialised as the official code initialises one, and
-writes the folder that `AutoModelForImageTextToText`, `AutoProcessor` and `Tuna2Pipeline` load.
+writes the folder that `AutoModelForImageTextToText` and `AutoProcessor` load.
 
-    python conversion/init_from_qwen2.py --qwen /models/Qwen2.5-7B-Instruct --output ./tuna2-7b-init
+    python -m transformers_tuna2.init_tuna2_from_qwen2 --qwen /models/Qwen2.5-7B-Instruct --output ./tuna2-7b-init
+
+`tuna2 init` (and `conversion/init_from_qwen2.py`) runs this and adds the files of `Tuna2Pipeline`: `model_index.json`
+and `scheduler/`.
 
 - Language model: the Qwen2 weights. The tokenizer is set up as officially ([PAD], <image>, <|vid_start|>,
   <|vid_end|> added) and the embeddings and the LM head are resized to it as the official code resizes them, with
@@ -31,12 +34,8 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from diffusers_tuna2 import Tuna2Pipeline
-from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
-from transformers_tuna2.configuration_tuna2 import OUTPUT_LAYOUTS
-from transformers_tuna2.modeling_tuna2 import Tuna2ZeroInitLinear
-
-from .convert_tuna2_to_hf import (
+from .configuration_tuna2 import OUTPUT_LAYOUTS
+from .convert_tuna2_weights_to_hf import (
     DTYPES,
     check_output_folder,
     load_official_tokenizer,
@@ -46,6 +45,8 @@ from .convert_tuna2_to_hf import (
     tuna2_processor,
     understanding_generation_config,
 )
+from .modeling_tuna2 import Tuna2ForConditionalGeneration, Tuna2ZeroInitLinear
+from .processing_tuna2 import Tuna2Processor
 
 FLOW_HEAD_HEAD_DIM = 64  # the official flow head's 3-D RoPE is built for 64 channels per head
 FLOW_HEAD_QUERIES_PER_KEY = 4  # 56 query and 14 key/value heads in the official 7B
@@ -147,25 +148,33 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return args
 
 
+def run(args: argparse.Namespace) -> str:
+    """Builds and writes the model as `args` (from `parse_args`) say; returns what to print. Bad input raises
+    `ValueError` or `OSError`."""
+    output = Path(args.output)
+    check_output_folder(output)
+    if args.flow_head_layers < 1:
+        raise ValueError(f"--flow-head-layers must be >= 1, got {args.flow_head_layers}")
+    model, processor = init_from_qwen2(
+        args.qwen,
+        output_layout=args.output_layout,
+        flow_head_layers=args.flow_head_layers,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        seed=args.seed,
+    )
+    model.save_pretrained(output, max_shard_size=args.max_shard_size)
+    processor.save_pretrained(output)
+    return f"Wrote {output}: {model.num_parameters():,} parameters"
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the command line (`prog` names it in the usage and errors: `tuna2 init`); returns the exit code."""
     args = parse_args(argv, prog)
-    output = Path(args.output)
     try:
-        check_output_folder(output)
-        if args.flow_head_layers < 1:
-            raise ValueError(f"--flow-head-layers must be >= 1, got {args.flow_head_layers}")
-        model, processor = init_from_qwen2(
-            args.qwen,
-            output_layout=args.output_layout,
-            flow_head_layers=args.flow_head_layers,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            seed=args.seed,
-        )
-        Tuna2Pipeline(model=model, processor=processor).save_pretrained(output, max_shard_size=args.max_shard_size)
+        message = run(args)
     except (ValueError, OSError) as error:
         return report_error(args.prog, error)
-    print(f"Wrote {output}: {model.num_parameters():,} parameters")
+    print(message)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Tiny Tuna-2 models and tokenizers built on the spot, for tests and benchmarks (no download)."""
+"""Tiny Tuna-2 models and tokenizers built on the spot (no download), shared by the tests, the benchmarks and the
+examples."""
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -9,7 +10,8 @@ from transformers_tuna2 import (
     Tuna2ImageProcessor,
     Tuna2Processor,
 )
-from transformers_tuna2.tokenization_utils import train_byte_level_tokenizer
+
+from .tokenizer import train_byte_level_tokenizer
 
 CORPUS = [
     "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",

@@ -21,9 +21,9 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from .image_processing_tuna2 import stack_if_same_size
-from .modeling_tuna2 import Tuna2ImageRole
-from .processing_tuna2 import Tuna2Processor
+from transformers_tuna2 import Tuna2ImageRole
+from transformers_tuna2.image_utils import stack_if_same_size
+from transformers_tuna2.processing_tuna2 import Tuna2Processor
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
-"""Converts an official Tuna-2 checkpoint into the folder that `AutoModelForImageTextToText`, `AutoProcessor` and
-`Tuna2Pipeline` load.
+"""Converts an official Tuna-2 checkpoint into the folder that `AutoModelForImageTextToText` and `AutoProcessor` load.
 
-    python conversion/convert_tuna2_to_hf.py --checkpoint tuna_2_pixel_7b.pt \\
+    python -m transformers_tuna2.convert_tuna2_weights_to_hf --checkpoint tuna_2_pixel_7b.pt \\
         --tokenizer /models/Qwen2.5-7B-Instruct --output ./tuna2-7b --dtype bfloat16
+
+`tuna2 convert` (and `conversion/convert_tuna2_to_hf.py`) runs this and adds the files of `Tuna2Pipeline`.
 
 Input: a `.pt`, `.pth` or `.bin` file (the zip format of `torch.save`) or a `.safetensors` file holding the state dict
 of the official `Tuna2Pixel`, raw or inside a training checkpoint (`model`, `state_dict` or `module` entries, keys
@@ -14,9 +15,10 @@ mis-shaped keys (the official loaders skip such keys silently).
 
 Output: the config (`output_layout="raster"`, the official un-patchify), the weights as safetensors shards with their
 index, the tokenizer set up as officially ([PAD], <image>, <|vid_start|>, <|vid_end|> added), the processor, a
-generation config for understanding (greedy, at most 512 new tokens, stops at <|im_end|>), `model_index.json` and
-`scheduler/` for `Tuna2Pipeline`. The input is memory-mapped and mapped afresh for each output shard, so that the
-conversion holds about one shard in memory, never the whole model.
+generation config for understanding (greedy, at most 512 new tokens, stops at <|im_end|>); `tuna2 convert` adds
+`model_index.json` and `scheduler/` for `Tuna2Pipeline` (which loads the folder without them too, with its default
+scheduler). The input is memory-mapped and mapped afresh for each output shard, so that the conversion holds about
+one shard in memory, never the whole model.
 
 The learned mask token (masked image modelling, used in training only) is kept when the checkpoint has one, with
 `use_mask_token=True`: it is one hidden-size vector, and fine-tuning with the official recipe needs the trained token.
@@ -49,10 +51,10 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
 
-from diffusers_tuna2 import Tuna2Pipeline
-from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2Processor
-
-from .official_keys import hf_to_official_key, official_to_hf_key
+from .configuration_tuna2 import Tuna2Config
+from .image_processing_tuna2 import Tuna2ImageProcessor
+from .modeling_tuna2 import Tuna2ForConditionalGeneration
+from .processing_tuna2 import Tuna2Processor
 
 logger = logging.get_logger(__name__)
 
@@ -90,6 +92,42 @@ FLOW_LAYER = re.compile(r"^flow_head\.layers\.(\d+)\.")
 
 # A weight whose std is this far (either way) from the median std of the same weight across layers is flagged.
 STD_OUTLIER_FACTOR = 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names of the official (`Tuna2Pixel`) state-dict keys in `Tuna2ForConditionalGeneration`
+# ----------------------------------------------------------------------------------------------------------------
+
+# (official prefix, our prefix), tried in order; the official `tuna.*` subtree is a stock Qwen2ForCausalLM.
+OFFICIAL_PREFIXES = (
+    ("tuna.model.", "model.language_model."),
+    ("tuna.lm_head.", "lm_head."),
+    ("vision_encoder.", "model.patch_embed."),
+    ("time_embed.", "model.time_embed."),
+    ("diffusion_head_a.", "flow_head.layers."),
+    ("diffusion_head_b.", "flow_head.final_layer."),
+    ("mask_token", "model.mask_token"),
+)
+
+# Wrappers that training and distributed checkpoints put in front of the keys.
+WRAPPER_PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.|_fsdp_wrapped_module\.|tuna_model\.)+")
+
+
+def official_to_hf_key(key: str) -> str | None:
+    """Our name for an official key (wrapper prefixes removed), or None when the key has no counterpart."""
+    key = WRAPPER_PREFIXES.sub("", key)
+    for official, ours in OFFICIAL_PREFIXES:
+        if key.startswith(official):
+            return ours + key[len(official) :]
+    return None
+
+
+def hf_to_official_key(key: str) -> str:
+    """The official name of one of our keys (the inverse of `official_to_hf_key`)."""
+    for official, ours in OFFICIAL_PREFIXES:
+        if key.startswith(ours):
+            return official + key[len(ours) :]
+    raise KeyError(f"{key!r} has no counterpart in the official Tuna-2 state dict")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,7 +566,6 @@ def convert(
     write_weights(checkpoint, list(expected), output, dtype, max_shard_size, statistics)
     save_model_files(model, output)
     processor.save_pretrained(output)
-    Tuna2Pipeline(model=model, processor=processor).save_scheduler_and_index(output)
     return config, statistics
 
 
@@ -560,24 +597,30 @@ def report_error(prog: str, error: Exception) -> int:
     return 1
 
 
+def run(args: argparse.Namespace) -> str:
+    """Converts as `args` (from `parse_args`) say; returns what to print. Bad input raises `ValueError` or
+    `OSError`."""
+    config, statistics = convert(
+        args.checkpoint,
+        args.tokenizer,
+        args.output,
+        base_config=args.base_config,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        max_shard_size=args.max_shard_size,
+        report=args.report,
+    )
+    summary = f"Wrote {args.output}: {describe_config(config)}"
+    return summary if statistics is None else f"{statistics.format()}\n{summary}"
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the command line (`prog` names it in the usage and errors: `tuna2 convert`); returns the exit code."""
     args = parse_args(argv, prog)
     try:
-        config, statistics = convert(
-            args.checkpoint,
-            args.tokenizer,
-            args.output,
-            base_config=args.base_config,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            max_shard_size=args.max_shard_size,
-            report=args.report,
-        )
+        message = run(args)
     except (ValueError, OSError) as error:
         return report_error(args.prog, error)
-    if statistics is not None:
-        print(statistics.format())
-    print(f"Wrote {args.output}: {describe_config(config)}")
+    print(message)
     return 0
 
 
