@@ -28,14 +28,13 @@ def save_pipeline_files(folder: str | os.PathLike):
 def run_with_pipeline_files(script: ModuleType, argv: list[str] | None, prog: str | None) -> int:
     """Runs a converter's command line (`parse_args`, then `run`), then adds the pipeline files to its output folder;
     bad input is reported in one line, as the converter reports it. Returns the exit code."""
-    args = script.parse_args(argv, prog)
-    try:
+
+    def run_and_add_pipeline_files(args) -> str:
         message = script.run(args)
         save_pipeline_files(args.output)
-    except (ValueError, OSError) as error:
-        return script.report_error(args.prog, error)
-    print(message)
-    return 0
+        return message
+
+    return weights_converter.run_command(run_and_add_pipeline_files, script.parse_args(argv, prog))
 
 
 def convert_main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -247,7 +247,7 @@ class Tuna2Pipeline(DiffusionPipeline):
 
     def save_scheduler_and_index(self, save_directory: str | os.PathLike):
         """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`.
-        The checkpoint converters, which write the model files themselves, use it too."""
+        `tuna2 convert` and `tuna2 init` (`diffusers_tuna2.conversion`) use it after the transformers converters."""
         save_directory = Path(save_directory)
         self.scheduler.save_pretrained(save_directory / "scheduler")
         self.to_json_file(save_directory / MODEL_INDEX)

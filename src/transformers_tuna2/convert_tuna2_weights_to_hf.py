@@ -591,10 +591,16 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return args
 
 
-def report_error(prog: str, error: Exception) -> int:
-    """Bad input is reported as argparse reports bad options, `prog: error: ...`, without a traceback; exit code 1."""
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 1
+def run_command(run: Callable[[argparse.Namespace], str], args: argparse.Namespace) -> int:
+    """Runs `run(args)` and prints what it returns; returns the exit code. Bad input (`ValueError`, `OSError`) is
+    reported as argparse reports bad options, `prog: error: ...`, without a traceback; exit code 1."""
+    try:
+        message = run(args)
+    except (ValueError, OSError) as error:
+        print(f"{args.prog}: error: {error}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
 
 
 def run(args: argparse.Namespace) -> str:
@@ -615,13 +621,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the command line (`prog` names it in the usage and errors: `tuna2 convert`); returns the exit code."""
-    args = parse_args(argv, prog)
-    try:
-        message = run(args)
-    except (ValueError, OSError) as error:
-        return report_error(args.prog, error)
-    print(message)
-    return 0
+    return run_command(run, parse_args(argv, prog))
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ def guided_x0(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance_scale: fl
     return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
 
 
-def timestep_grid(num_steps: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+def timestep_grid(num_steps: int, dtype: torch.dtype) -> torch.Tensor:
     """The official grid `linspace(0, 1, num_steps + 1)` computed in the state's dtype (bf16-rounded in bf16)."""
-    return torch.linspace(0, 1, num_steps + 1, dtype=dtype, device=device)
+    return torch.linspace(0, 1, num_steps + 1, dtype=dtype)
 
 
-def sample_training_t(num: int, P_mean: float, P_std: float, device=None, generator=None) -> torch.Tensor:
+def sample_training_t(num: int, P_mean: float, P_std: float) -> torch.Tensor:
     """Logit-normal training times t = sigmoid(N(P_mean, P_std)) (median sigmoid(P_mean): biased towards noise)."""
-    return torch.sigmoid(torch.randn(num, device=device, generator=generator) * P_std + P_mean)
+    return torch.sigmoid(torch.randn(num) * P_std + P_mean)
 
 
 def v_loss_weight(t: torch.Tensor, t_eps: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ from .convert_tuna2_weights_to_hf import (
     check_output_folder,
     load_official_tokenizer,
     load_text_config,
-    report_error,
+    run_command,
     tuna2_config,
     tuna2_processor,
     understanding_generation_config,
@@ -169,13 +169,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Runs the command line (`prog` names it in the usage and errors: `tuna2 init`); returns the exit code."""
-    args = parse_args(argv, prog)
-    try:
-        message = run(args)
-    except (ValueError, OSError) as error:
-        return report_error(args.prog, error)
-    print(message)
-    return 0
+    return run_command(run, parse_args(argv, prog))
 
 
 if __name__ == "__main__":
