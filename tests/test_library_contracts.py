@@ -8,11 +8,11 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from transformers.modeling_outputs import ModelOutput
 
 from diffusers_tuna2 import Tuna2Pipeline
-from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
-from transformers_tuna2.modeling_tuna2 import Tuna2ImageRole
-from tuna2_training.tiny import build_processor
+from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2ImageRole, Tuna2Processor
+from tuna2_training.tiny import build_processor, tiny_config, tiny_model
 
 # ---------------------------------------------------------------------------------------------------- processor
 
@@ -215,3 +215,59 @@ def test_generation_from_inputs_embeds_with_an_image(processor, model):
         )
     assert torch.equal(from_embeds, from_ids)
     assert torch.equal(beam_from_embeds, beam_from_ids)
+
+
+def test_assisted_decoding_with_an_assistant_model_on_an_image_prompt(processor, model, tokenizer, caplog):
+    """transformers runs the assistant's first pass without `pixel_values`: the image tokens are embedded as text
+    (with a warning), as in transformers' VLMs, and greedy assisted decoding gives greedy decoding's tokens."""
+    inputs, _ = image_prompt(processor, model)
+    assistant = tiny_model(tokenizer, seed=1).eval()
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.no_grad():
+        greedy = model.generate(**inputs, **options)
+        assisted = model.generate(**inputs, assistant_model=assistant, **options)
+    assert torch.equal(assisted, greedy)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        assistant(input_ids=inputs.input_ids)
+    assert "no pixel_values were given: the image tokens are embedded as text" in caplog.text
+
+
+def test_get_image_features_follows_the_transformers_convention(processor, model):
+    inputs, _ = image_prompt(processor, model)
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs.pixel_values, output_hidden_states=True)
+        as_tuple = model.model.get_image_features(inputs.pixel_values, return_dict=False)
+    assert isinstance(features, ModelOutput) and isinstance(as_tuple, tuple)
+    num_slots = int((inputs.input_ids == model.config.image_token_id).sum())
+    assert features.last_hidden_state.shape == (num_slots, model.config.text_config.hidden_size)
+    height, width = inputs.pixel_values.shape[-2:]
+    assert features.image_grids == [(height // 16, width // 16)] and features.time_embeds.shape[0] == 1
+    torch.testing.assert_close(as_tuple[0], features.last_hidden_state)
+
+
+def test_the_tied_lm_head_is_in_the_tensor_parallel_plan(model):
+    assert model.tp_plan["lm_head"] == "colwise_gather_output"
+    assert model.tp_plan["model.language_model.embed_tokens"] == "embedding_rowwise"
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 2.0},
+    ],
+)
+def test_scaled_rope_goes_past_max_position_embeddings(tokenizer, rope_parameters):
+    def model_with(rope):
+        config = tiny_config(tokenizer)
+        config.text_config.max_position_embeddings = 64
+        config.text_config.rope_parameters = {**rope, "rope_theta": 10000.0}
+        return Tuna2ForConditionalGeneration(config).eval()
+
+    long_input = torch.full((1, 120), 5)
+    with torch.no_grad(), pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        model_with({"rope_type": "default"})(input_ids=long_input)
+    with torch.no_grad():
+        logits = model_with(rope_parameters)(input_ids=long_input).logits
+    assert logits.shape[1] == long_input.shape[1] and torch.isfinite(logits).all()

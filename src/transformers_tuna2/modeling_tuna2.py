@@ -24,11 +24,14 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole
 from .flow_matching import noisy_image, sample_training_t, v_loss_weight
 from .image_utils import make_image_list, stack_if_same_size
+
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image spans
@@ -744,8 +747,10 @@ class Tuna2Model(Tuna2PreTrainedModel):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = self.default_position_ids(inputs_embeds, attention_mask, past_length)
+        # Scaled RoPE (linear, dynamic, yarn, ...) is there to go past max_position_embeddings.
+        rope_type = (self.config.text_config.rope_parameters or {}).get("rope_type", "default")
         max_positions = self.config.text_config.max_position_embeddings
-        if past_length + inputs_embeds.shape[1] > max_positions:
+        if rope_type == "default" and past_length + inputs_embeds.shape[1] > max_positions:
             raise ValueError(
                 f"sequence length {past_length + inputs_embeds.shape[1]} exceeds the model's "
                 f"max_position_embeddings ({max_positions})"
@@ -761,7 +766,11 @@ class Tuna2Model(Tuna2PreTrainedModel):
             spans = replace(spans, grids=image_features.image_grids)
             time_embeds = image_features.time_embeds
         elif spans.num_images and past_length == 0:
-            raise ValueError(f"the input ids hold {spans.num_images} image spans but no pixel_values were given")
+            # As transformers' VLMs do (an assistant model's first pass in assisted decoding gets no images).
+            logger.warning_once(
+                f"the input ids hold {spans.num_images} image spans but no pixel_values were given: the image "
+                "tokens are embedded as text"
+            )
 
         causal_mask_mapping = attention_mask
         if not isinstance(causal_mask_mapping, dict):
@@ -804,6 +813,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
     """Tuna-2: understanding through the language-model head, generation and editing through the flow head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: Tuna2Config):
         super().__init__(config)
