@@ -8,6 +8,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from transformers import StaticCache
 from transformers.modeling_outputs import ModelOutput
 
 from diffusers_tuna2 import Tuna2Pipeline
@@ -271,3 +272,33 @@ def test_scaled_rope_goes_past_max_position_embeddings(tokenizer, rope_parameter
     with torch.no_grad():
         logits = model_with(rope_parameters)(input_ids=long_input).logits
     assert logits.shape[1] == long_input.shape[1] and torch.isfinite(logits).all()
+
+
+def test_generation_with_a_static_cache_gives_the_dynamic_cache_tokens(processor, model):
+    inputs, _ = image_prompt(processor, model)
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **options)
+        static = model.generate(**inputs, cache_implementation="static", **options)
+    assert torch.equal(static, dynamic)
+
+
+def test_the_decoding_step_compiles_as_one_graph(processor, model):
+    """`_can_compile_fullgraph`: after an image prompt, a decoding step with a static cache compiles with
+    `fullgraph=True` (no data-dependent branch) and gives the eager logits."""
+    inputs, _ = image_prompt(processor, model)
+    length = inputs.input_ids.shape[1]
+    caches = [StaticCache(config=model.config.text_config, max_cache_len=length + 4) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            prompt = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step = {
+            "input_ids": prompt.logits[:, -1].argmax(-1, keepdim=True),
+            "attention_mask": torch.ones(1, length + 1, dtype=torch.long),
+            "position_ids": torch.tensor([[length]]),
+            "use_cache": True,
+        }
+        eager = model(**step, past_key_values=caches[0]).logits
+        compiled = torch.compile(model.forward, fullgraph=True)(**step, past_key_values=caches[1]).logits
+    assert model._can_compile_fullgraph
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -26,6 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import is_torchdynamo_compiling, torch_compilable_check
 
 from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole
 from .flow_matching import noisy_image, sample_training_t, v_loss_weight
@@ -69,6 +70,12 @@ class Tuna2ImageSpans:
         span_position = torch.where(is_image, positions - span_start, -1)
         lengths = torch.bincount(image_index[is_image], minlength=int(starts.sum())).tolist()
         return cls(image_index=image_index, span_position=span_position, lengths=lengths)
+
+    @classmethod
+    def without_images(cls, batch_size: int, seq_len: int, device: torch.device) -> "Tuna2ImageSpans":
+        """No spans, read without looking at the ids (no data-dependent step, for compiled and exported decoding)."""
+        no_span = torch.full((batch_size, seq_len), -1, dtype=torch.long, device=device)
+        return cls(image_index=no_span, span_position=no_span, lengths=[])
 
     @property
     def num_images(self) -> int:
@@ -575,7 +582,8 @@ class Tuna2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _can_compile_fullgraph = False
+    # The decoding step (text tokens, no pixel_values) has no data-dependent branch; reading image spans has.
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -742,7 +750,6 @@ class Tuna2Model(Tuna2PreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
 
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -750,27 +757,34 @@ class Tuna2Model(Tuna2PreTrainedModel):
         # Scaled RoPE (linear, dynamic, yarn, ...) is there to go past max_position_embeddings.
         rope_type = (self.config.text_config.rope_parameters or {}).get("rope_type", "default")
         max_positions = self.config.text_config.max_position_embeddings
-        if rope_type == "default" and past_length + inputs_embeds.shape[1] > max_positions:
-            raise ValueError(
-                f"sequence length {past_length + inputs_embeds.shape[1]} exceeds the model's "
-                f"max_position_embeddings ({max_positions})"
+        if rope_type == "default":
+            torch_compilable_check(
+                past_length + inputs_embeds.shape[1] <= max_positions,
+                lambda: (
+                    f"sequence length {past_length + inputs_embeds.shape[1]} exceeds the model's "
+                    f"max_position_embeddings ({max_positions})"
+                ),
             )
 
-        spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
         time_embeds = None
         if pixel_values is not None:
+            span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
+            spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
             image_features = self.get_image_features(pixel_values, timesteps)
             placeholder_mask = self.get_placeholder_mask(span_ids, spans, image_features.image_grids)
             image_embeds = image_features.last_hidden_state.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
             spans = replace(spans, grids=image_features.image_grids)
             time_embeds = image_features.time_embeds
-        elif spans.num_images and past_length == 0:
-            # As transformers' VLMs do (an assistant model's first pass in assisted decoding gets no images).
-            logger.warning_once(
-                f"the input ids hold {spans.num_images} image spans but no pixel_values were given: the image "
-                "tokens are embedded as text"
-            )
+        else:
+            spans = Tuna2ImageSpans.without_images(*inputs_embeds.shape[:2], inputs_embeds.device)
+            has_image_tokens = input_ids is not None and not is_torchdynamo_compiling()
+            if has_image_tokens and past_length == 0 and (input_ids == self.config.image_token_id).any():
+                # As transformers' VLMs do (an assistant model's first pass in assisted decoding gets no images).
+                logger.warning_once(
+                    "the input ids hold image spans but no pixel_values were given: the image tokens are embedded "
+                    "as text"
+                )
 
         causal_mask_mapping = attention_mask
         if not isinstance(causal_mask_mapping, dict):
@@ -824,6 +838,22 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        # With a compilable cache, generate() builds generic causal masks, blind to the image spans; the prefill,
+        # which holds them, builds its own from the padding mask (the decoding steps are text).
+        if model_inputs.get("pixel_values") is not None and isinstance(model_inputs.get("attention_mask"), dict):
+            model_inputs["attention_mask"] = attention_mask
+        return model_inputs
 
     @can_return_tuple
     def forward(
