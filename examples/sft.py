@@ -221,14 +221,30 @@ def save_pipeline_files(model, processor, model_path: str, folder):
     Tuna2Pipeline(model=model, processor=processor, **defaults).save_scheduler_and_index(folder)
 
 
+def save_diffusers_lora(folder):
+    """The PEFT adapter in `folder` also as diffusers' `pytorch_lora_weights.safetensors` (keys `model.<module>...`,
+    the LoRA config in the file's metadata), beside it: what `Tuna2Pipeline.load_lora_weights` loads first."""
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights
+
+    from diffusers_tuna2 import Tuna2Pipeline
+
+    layers = {key.removeprefix("base_model.model."): value for key, value in load_peft_weights(folder).items()}
+    metadata = LoraConfig.from_pretrained(folder).to_dict()
+    Tuna2Pipeline.save_lora_weights(folder, model_lora_layers=layers, model_lora_adapter_metadata=metadata)
+
+
 def save(trainer: Tuna2SFTTrainer, processor, args):
-    """LoRA: the adapter and the processor. Full fine-tuning: the shared checkpoint folder of both libraries."""
+    """LoRA: the adapter (PEFT folder and diffusers file) and the processor. Full fine-tuning: the shared checkpoint
+    folder of both libraries."""
     trainer.save_model(args.output)  # gathers FSDP shards when needed; with PEFT, writes the adapter only
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(args.output)
         if args.no_lora:
             model = trainer.accelerator.unwrap_model(trainer.model)
             save_pipeline_files(model, processor, args.model, args.output)
+        else:
+            save_diffusers_lora(args.output)
 
 
 if __name__ == "__main__":
