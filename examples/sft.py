@@ -9,6 +9,11 @@ Streams are the official jsonl formats (`t2i`, `mmu`, `edit`, `text`; image path
 sample is drawn from a stream with the `--weights` probabilities (official defaults t2i 0.5, edit 0.2, mmu 0.2,
 text 0.1). With LoRA the output folder holds the adapter; with `--no-lora` it is a full checkpoint folder that
 `AutoModelForImageTextToText` and `Tuna2Pipeline` load.
+
+`--train-only PATTERN ...` / `--train-only-file FILE` train only the named parameters (name prefixes or regular
+expressions; the file is what `tuna2 convert --report --fresh-layers-out FILE` writes): with `--no-lora` every other
+parameter is frozen; with LoRA the named ones train fully and the adapters train on the rest. `--ema-decay` keeps
+an EMA of the trained weights and saves it instead of them (the official restore recipe: docs/training.md).
 """
 
 import argparse
@@ -23,7 +28,10 @@ from trl import SFTConfig
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
 from tuna2_training.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
+from tuna2_training.train_only import freeze_all_but, modules_to_save, read_patterns_file
 from tuna2_training.trainer import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
+
+logger = logging.getLogger("sft")
 
 OFFICIAL_WEIGHTS = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}
 
@@ -55,6 +63,25 @@ def parse_args(argv=None):
     parser.add_argument("--lora-alpha", type=int, default=None, help="defaults to 2 * r")
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--lora-targets", choices=sorted(LORA_TARGETS), default="all")
+    parser.add_argument(
+        "--train-only",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="train only the parameters whose name starts with or fully matches (regex) a PATTERN; with LoRA they "
+        "train fully besides the adapters",
+    )
+    parser.add_argument(
+        "--train-only-file",
+        metavar="FILE",
+        help="--train-only patterns, one a line (from tuna2 convert --fresh-layers-out)",
+    )
+    parser.add_argument(
+        "--ema-decay", type=float, default=None, help="save the EMA of the trained weights (official: 0.9999)"
+    )
+    parser.add_argument(
+        "--ema-warmup", action="store_true", help="EMA decay min(ema_decay, n / (n + 9)) at step n (short runs)"
+    )
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=1, help="per device")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
@@ -133,16 +160,30 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     processor = AutoProcessor.from_pretrained(args.model)
-    peft_config = None
-    if not args.no_lora:
-        from peft import LoraConfig
+    train_only = list(args.train_only)
+    try:
+        if args.train_only_file:
+            train_only += read_patterns_file(args.train_only_file)
+        peft_config = None
+        if not args.no_lora:
+            from peft import LoraConfig
 
-        peft_config = LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha or 2 * args.lora_r,
-            lora_dropout=args.lora_dropout,
-            target_modules=lora_target_modules(args.lora_targets),
-        )
+            # The named modules train fully (PEFT keeps and saves a trained copy) and get no adapter.
+            full_modules = modules_to_save(model, train_only) if train_only else None
+            peft_config = LoraConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                lora_dropout=args.lora_dropout,
+                target_modules=lora_target_modules(args.lora_targets),
+                exclude_modules=full_modules,
+                modules_to_save=full_modules,
+            )
+        elif train_only:
+            trained = freeze_all_but(model, train_only)
+            count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+            logger.info(f"training {len(trained)} parameter tensors ({count:,} values); the others are frozen")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
     config = SFTConfig(
         output_dir=args.output,
@@ -160,6 +201,8 @@ def main(argv=None):
         seed=args.seed,
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
+        # Reentrant checkpointing gives no gradient to a layer whose input does not require one (frozen layers below).
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train_only and args.gradient_checkpointing else None,
         dataloader_num_workers=args.num_workers,
         # The mixture dataset shuffles by itself; read in order, its task blocks stay whole micro-batches.
         train_sampling_strategy="sequential" if args.group_by_task else "random",
@@ -185,6 +228,8 @@ def main(argv=None):
         processing_class=processor,
         peft_config=peft_config,
         callbacks=[SavePipelineFiles(args.model)] if args.no_lora else None,
+        ema_decay=args.ema_decay,
+        ema_warmup=args.ema_warmup,
     )
     try:
         trainer.train()

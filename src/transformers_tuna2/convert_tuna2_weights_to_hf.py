@@ -26,7 +26,10 @@ A checkpoint without it gives `use_mask_token=False`.
 
 `--report` prints mean, std and absolute maximum of every weight and flags constant tensors (a norm weight of exactly
 1, a zeroed linear) and tensors whose std is far from that of the same weight in the other layers: the official
-"foundation" release re-initialised a few layers without saying which.
+"foundation" release re-initialised a few layers without saying which. It also lists the layers (LLM decoder layers,
+flow-head blocks, the flow head's final layer) that look freshly initialised, every tensor of them as an official
+initialisation draws it (`WeightStatistics.fresh_layers`); `--fresh-layers-out FILE` writes their name prefixes, one a
+line, for `examples/sft.py --train-only-file FILE`.
 """
 
 import argparse
@@ -92,6 +95,13 @@ FLOW_LAYER = re.compile(r"^flow_head\.layers\.(\d+)\.")
 
 # A weight whose std is this far (either way) from the median std of the same weight across layers is flagged.
 STD_OUTLIER_FACTOR = 2.0
+
+# The units a re-initialisation replaces: LLM decoder layers, flow-head blocks and the flow head's final layer.
+LAYER_PREFIX = re.compile(r"^(model\.language_model\.layers\.\d+\.|flow_head\.layers\.\d+\.|flow_head\.final_layer\.)")
+# A random tensor matches an initialisation when its std is within FRESH_SIGMAS standard errors (plus FRESH_SLACK, for
+# bf16 rounding) of the initialisation's std, its mean within FRESH_SIGMAS standard errors of 0, and its range fits.
+FRESH_SIGMAS = 5.0
+FRESH_SLACK = 0.01
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,13 +435,46 @@ def tensor_statistics(tensor: torch.Tensor, chunk_size: int = 1 << 22) -> Tensor
     return TensorStatistics(tuple(tensor.shape), mean, math.sqrt(sum_squares / count), abs_max)
 
 
+def init_candidates(shape: tuple[int, ...], init_stds: Iterable[float]) -> list[tuple[str, float, float | None]]:
+    """The random initialisations the official code may have drawn a weight of `shape` (out, in) from: `(label, std,
+    bound)`, `bound` None for a normal draw. The LLM's linears: N(0, initializer_range) (transformers'
+    `_init_weights`); the flow-head linears: PyTorch's default kaiming-uniform (`init_tuna2_from_qwen2`), or xavier
+    as the official code means to (uniform or normal)."""
+    fan_out, fan_in = shape
+    xavier = math.sqrt(2 / (fan_in + fan_out))
+    return [
+        *((f"normal(0, {std:g})", std, None) for std in sorted(set(init_stds))),
+        ("kaiming-uniform", 1 / math.sqrt(3 * fan_in), 1 / math.sqrt(fan_in)),
+        ("xavier-uniform", xavier, math.sqrt(3) * xavier),
+        ("xavier-normal", xavier, None),
+    ]
+
+
+def matches_distribution(stats: TensorStatistics, std: float, bound: float | None) -> bool:
+    """Whether a tensor with these statistics looks drawn i.i.d. from N(0, std) (`bound` None) or U(-bound, bound)."""
+    count = math.prod(stats.shape)
+    if abs(stats.std / std - 1) > FRESH_SIGMAS / math.sqrt(2 * count) + FRESH_SLACK:
+        return False
+    if abs(stats.mean) > (FRESH_SIGMAS / math.sqrt(count) + FRESH_SLACK) * std:
+        return False
+    if bound is not None:  # a uniform draw never leaves its bounds
+        return stats.abs_max <= bound * (1 + FRESH_SLACK)
+    # a normal draw of more than a few dozen values leaves the range of the uniform with the same std
+    return stats.abs_max > math.sqrt(3) * std * (1 + FRESH_SLACK)
+
+
 class WeightStatistics:
     """Statistics of the converted weights, and flags that point at re-initialised layers: constant tensors (a norm
     weight of exactly 1, a zeroed linear) and weights whose std is more than `STD_OUTLIER_FACTOR` times off the median
-    std of the same weight in the other layers (compared when there are at least 3 layers)."""
+    std of the same weight in the other layers (compared when there are at least 3 layers).
 
-    def __init__(self):
+    `fresh_layers` gives the layers whose tensors all look freshly initialised (`initialisation`): the rule does not
+    compare layers with each other, so it finds a re-initialised layer however many there are, and a trained layer
+    is never taken for a fresh one, as no trained norm weight is exactly 1."""
+
+    def __init__(self, init_stds: Iterable[float] = (0.02,)):
         self.tensors: dict[str, TensorStatistics] = {}
+        self.init_stds = tuple(init_stds)
 
     def add(self, name: str, tensor: torch.Tensor):
         self.tensors[name] = tensor_statistics(tensor)
@@ -453,6 +496,49 @@ class WeightStatistics:
                     flags[name].append(f"std {std / reference:.2f}x the median of its {len(names)} layers")
         return dict(flags)
 
+    def initialisation(self, name: str) -> str | None:
+        """The official initialisation the tensor `name` looks freshly drawn from, or None: `ones` (a norm weight of
+        exactly 1), `zeros` (an adaLN-Zero linear, a zero bias), or a random draw of `init_candidates` (a matrix; a
+        bias: PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the fan-in of its weight)."""
+        stats = self.tensors[name]
+        is_norm = "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+        if stats.std == 0:
+            if is_norm:
+                return "ones" if stats.mean == 1 else None
+            return "zeros" if stats.mean == 0 else None
+        if is_norm:
+            return None
+        if len(stats.shape) == 2:
+            candidates = init_candidates(stats.shape, self.init_stds)
+        elif len(stats.shape) == 1 and name.endswith(".bias") and name[: -len("bias")] + "weight" in self.tensors:
+            fan_in = self.tensors[name[: -len("bias")] + "weight"].shape[-1]
+            candidates = [("uniform bias", 1 / math.sqrt(3 * fan_in), 1 / math.sqrt(fan_in))]
+        else:
+            return None
+        return next(
+            (label for label, std, bound in candidates if matches_distribution(stats, std, bound)),
+            None,
+        )
+
+    def fresh_layers(self) -> list[str]:
+        """Name prefixes (`model.language_model.layers.5.`, `flow_head.layers.3.`, `flow_head.final_layer.`) of the
+        layers whose every tensor looks freshly initialised, in the order of the weights."""
+        layers = defaultdict(list)
+        for name in self.tensors:
+            if match := LAYER_PREFIX.match(name):
+                layers[match.group(1)].append(name)
+        return [prefix for prefix, names in layers.items() if all(self.initialisation(name) for name in names)]
+
+    def format_fresh_layers(self) -> str:
+        fresh = self.fresh_layers()
+        if not fresh:
+            return "No layer looks freshly initialised"
+        lines = [f"{len(fresh)} layer(s) look freshly initialised (every tensor as an official init draws it):"]
+        for prefix in fresh:
+            kinds = Counter(self.initialisation(name) for name in self.tensors if name.startswith(prefix))
+            lines.append(f"  {prefix}  ({', '.join(f'{count} {kind}' for kind, count in kinds.items())})")
+        return "\n".join(lines)
+
     def format(self) -> str:
         flags = self.flags()
         width = max(map(len, self.tensors))
@@ -462,8 +548,21 @@ class WeightStatistics:
                 f"{name:<{width}}  {str(list(stats.shape)):<20} {stats.mean:>11.4g} {stats.std:>10.4g} "
                 f"{stats.abs_max:>10.4g}  {'; '.join(flags.get(name, []))}"
             )
+        lines.append(self.format_fresh_layers())
         lines.append(f"{len(flags)} of {len(self.tensors)} weights flagged")
         return "\n".join(lines)
+
+
+def write_fresh_layers(statistics: WeightStatistics, path: str | Path, checkpoint: str | Path) -> list[str]:
+    """Writes the prefixes of the layers that look freshly initialised to `path`, one a line after `#` comments, the
+    file `examples/sft.py --train-only-file` reads; returns them."""
+    fresh = statistics.fresh_layers()
+    header = [
+        f"# Layers of {checkpoint} that look freshly initialised (tuna2 convert --report).",
+        "# One parameter-name prefix a line; train them with: examples/sft.py --train-only-file THIS_FILE",
+    ]
+    Path(path).write_text("\n".join(header + fresh) + "\n")
+    return fresh
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,7 +660,8 @@ def convert(
     config.dtype = config.text_config.dtype = str(dtype or checkpoint.dominant_dtype()).removeprefix("torch.")
     model.generation_config = understanding_generation_config(config, tokenizer)
     processor = tuna2_processor(tokenizer, config)
-    statistics = WeightStatistics() if report else None
+    init_stds = (config.initializer_range, config.text_config.initializer_range)
+    statistics = WeightStatistics(init_stds) if report else None
     output.mkdir(parents=True, exist_ok=True)
     write_weights(checkpoint, list(expected), output, dtype, max_shard_size, statistics)
     save_model_files(model, output)
@@ -586,7 +686,14 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
     parser.add_argument("--report", action="store_true", help="print per-weight statistics and flag outliers")
+    parser.add_argument(
+        "--fresh-layers-out",
+        metavar="FILE",
+        help="write the name prefixes of the layers that look freshly initialised to FILE, one a line (implies "
+        "--report), for examples/sft.py --train-only-file",
+    )
     args = parser.parse_args(argv)
+    args.report = args.report or args.fresh_layers_out is not None
     args.prog = parser.prog
     return args
 
@@ -616,7 +723,12 @@ def run(args: argparse.Namespace) -> str:
         report=args.report,
     )
     summary = f"Wrote {args.output}: {describe_config(config)}"
-    return summary if statistics is None else f"{statistics.format()}\n{summary}"
+    if statistics is None:
+        return summary
+    if args.fresh_layers_out is not None:
+        fresh = write_fresh_layers(statistics, args.fresh_layers_out, args.checkpoint)
+        summary += f"\nWrote the {len(fresh)} freshly initialised layer(s) to {args.fresh_layers_out}"
+    return f"{statistics.format()}\n{summary}"
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
