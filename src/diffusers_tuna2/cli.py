@@ -1,9 +1,10 @@
 """The `tuna2` command: generate, edit and ask with a Tuna-2 checkpoint (by default the shapes demo shipped with the
-package), serve the same in a web app, and convert official checkpoints.
+package), draw where it looks while it reads a question, serve the same in a web app, and convert official checkpoints.
 
     tuna2 generate "a red circle on the left" -o out.png
     tuna2 edit out.png "make the circle blue" -o edited.png
     tuna2 ask out.png "What colour is the circle?"
+    tuna2 attend out.png "What colour is the circle?" -o map.png
     tuna2 app                      # the same in a web page (pip install "tuna2-hf[app]")
     tuna2 convert --checkpoint tuna_2_pixel_7b.pt --tokenizer Qwen2.5-7B-Instruct --output tuna2-7b
     tuna2 init --qwen Qwen2.5-7B-Instruct --output tuna2-7b-init
@@ -29,6 +30,7 @@ MODEL_TYPE = "tuna2"  # Tuna2Config.model_type, without importing transformers
 # Named in the -o error; any extension PIL can write is accepted.
 COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_NEW_TOKENS = 64  # the longest answer of `tuna2 ask` and of the app's Ask tab
+MIN_OVERLAY_SIDE = 256  # `tuna2 attend` enlarges smaller overlays (the demo's scenes are 48x48) by a whole factor
 
 
 class CommandError(Exception):
@@ -204,8 +206,8 @@ def draw(args, editing: bool = False):
     print(args.output)
 
 
-def ask(args):
-    image = load_image(args.image)
+def load_understanding(args):
+    """The model and processor of --model, for `ask` and `attend`."""
     path = model_folder(args)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -220,6 +222,12 @@ def ask(args):
         device,
     )
     processor = load(lambda path: AutoProcessor.from_pretrained(path, trust_remote_code=False), path)
+    return model, processor, device
+
+
+def ask(args):
+    image = load_image(args.image)
+    model, processor, device = load_understanding(args)
     messages = [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}
     ]
@@ -228,6 +236,34 @@ def ask(args):
     ).to(device)
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+
+
+def attend(args):
+    """Writes the overlay of the attention map of the question over the image."""
+    check_output(args.output)
+    image = load_image(args.image)
+    from transformers_tuna2.attention_maps import parse_layers
+
+    if args.scale is not None and args.scale < 1:
+        raise CommandError(f"--scale must be a whole factor >= 1, got {args.scale}")
+    layers = None
+    if args.layers is not None and args.layers.strip().lower() != "all":
+        try:
+            layers = parse_layers(args.layers)
+        except ValueError as error:
+            raise CommandError(f"--layers: {error}") from None
+    model, processor, _ = load_understanding(args)
+    from transformers_tuna2 import attention_maps
+
+    try:
+        result = attention_maps(model, processor, image, args.question, layers=layers, target=args.target)
+    except ValueError as error:
+        option = "--layers" if "layer" in str(error) else "--target" if args.target is not None else None
+        raise CommandError(f"{option}: {error}" if option else str(error)) from None
+    (seen,) = result.images
+    scale = args.scale or max(1, -(-MIN_OVERLAY_SIDE // max(seen.size)))
+    result.overlays(scale=scale)[0].save(args.output)
+    print(args.output)
 
 
 def app(args):
@@ -343,6 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
             add_model_options(command)
         else:
             add_generation_options(command, guidance)
+    text = "write where the model looks in an image while it reads a question"
+    command = commands.add_parser("attend", help=text, description=text, formatter_class=HelpFormatter)
+    command.add_argument("image", help="image to ask about")
+    command.add_argument("question", help="the question")
+    command.add_argument(
+        "-o", "--output", required=True, help="overlay image to write; its extension sets the format (required)"
+    )
+    command.add_argument(
+        "--layers",
+        default=None,
+        help="language-model layers to average: 3, 0,2, 4-7 or all (default: all, as the official script)",
+    )
+    command.add_argument(
+        "--target", default=None, help="read only this word's tokens of the question (default: the whole question)"
+    )
+    command.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help=f"enlarge the overlay by this factor (default: enough for {MIN_OVERLAY_SIDE} pixels)",
+    )
+    add_model_options(command)
     text = "ask, generate and edit in a web page (needs the [app] extra)"
     command = commands.add_parser("app", help=text, description=text, formatter_class=HelpFormatter)
     command.add_argument(
@@ -365,6 +423,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "ask":
             ask(args)
+        elif args.command == "attend":
+            attend(args)
         elif args.command == "app":
             app(args)
         else:

@@ -8,6 +8,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .attention_maps import Tuna2AttentionMaps, attention_maps, overlay_attention_map
 from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole
 from .image_processing_tuna2 import Tuna2ImageProcessor
 from .modeling_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2Model, Tuna2PreTrainedModel
@@ -28,6 +29,7 @@ Tuna2ImageProcessor.register_for_auto_class("AutoImageProcessor")
 Tuna2Processor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "Tuna2AttentionMaps",
     "Tuna2Cache",
     "Tuna2Config",
     "Tuna2ForConditionalGeneration",
@@ -36,4 +38,6 @@ __all__ = [
     "Tuna2Model",
     "Tuna2PreTrainedModel",
     "Tuna2Processor",
+    "attention_maps",
+    "overlay_attention_map",
 ]
