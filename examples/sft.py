@@ -274,9 +274,15 @@ def save_diffusers_lora(folder):
 
     from diffusers_tuna2 import Tuna2Pipeline
 
+    config = LoraConfig.from_pretrained(folder)
+    if config.modules_to_save:
+        logger.warning(
+            "no pytorch_lora_weights.safetensors: the adapter also holds fully trained layers (--train-only), which "
+            "the diffusers LoRA format does not carry; load the PEFT folder"
+        )
+        return
     layers = {key.removeprefix("base_model.model."): value for key, value in load_peft_weights(folder).items()}
-    metadata = LoraConfig.from_pretrained(folder).to_dict()
-    Tuna2Pipeline.save_lora_weights(folder, model_lora_layers=layers, model_lora_adapter_metadata=metadata)
+    Tuna2Pipeline.save_lora_weights(folder, model_lora_layers=layers, model_lora_adapter_metadata=config.to_dict())
 
 
 def save(trainer: Tuna2SFTTrainer, processor, args):

@@ -390,3 +390,5 @@ def test_lora_with_train_only_saves_the_ema_of_the_adapters_and_of_the_named_lay
         key = name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
         assert torch.equal(saved[key], average), name
         assert not torch.equal(saved[key], raw[name].detach()), name
+    # The diffusers LoRA format holds LoRA layers only: the fully trained layers stay in the PEFT folder alone.
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
