@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import json
 
 import numpy as np
 import PIL.Image
@@ -302,3 +303,22 @@ def test_the_decoding_step_compiles_as_one_graph(processor, model):
         compiled = torch.compile(model.forward, fullgraph=True)(**step, past_key_values=caches[1]).logits
     assert model._can_compile_fullgraph
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_saving_a_model_leaves_its_config_unchanged(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    assert "auto_map" in json.loads((tmp_path / "config.json").read_text())  # for trust_remote_code loading
+    assert not hasattr(model.config, "auto_map")
+
+
+def test_the_pipeline_edits_an_image_given_as_a_path(tmp_path, model, processor):
+    pipe = Tuna2Pipeline(model=model, processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    image.save(tmp_path / "source.png")
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 1.0, "output_type": "latent"}
+    from_image = pipe("make it blue", image=image, generator=torch.Generator().manual_seed(0), **kwargs).images
+    for source in (str(tmp_path / "source.png"), tmp_path / "source.png"):
+        from_path = pipe("make it blue", image=source, generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert torch.equal(from_path, from_image)

@@ -548,9 +548,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         if image is not None:
             images = image if isinstance(image, list) else [image]
             for item in images:
-                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
                     raise ValueError(
-                        f"`image` must be a PIL image, a numpy array or a tensor (or a list of them), "
+                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
                         f"got {type(item).__name__}"
                     )
             if len(images) not in (1, len(prompts)):
@@ -703,8 +703,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         r"""
         Args:
             prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed.
-            image (PIL image, `np.ndarray`, `torch.Tensor` or a list, *optional*): image(s) to edit (one for all
-                prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or float in [0, 1].
+            image (PIL image, `np.ndarray`, `torch.Tensor`, a file path or URL, or a list, *optional*): image(s) to
+                edit (one for all prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or
+                float in [0, 1].
                 Each is resized to cover `height x width` and center-cropped, and enters clean (t=1).
             negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch; defaults to the pipeline's
                 `negative_prompt` or `edit_negative_prompt` (the official ones unless the checkpoint says otherwise).

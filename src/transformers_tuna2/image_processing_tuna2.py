@@ -1,5 +1,7 @@
 """Tuna-2 image processor: any image -> RGB at a resolution bucket -> values in [-1, 1], and back."""
 
+import os
+
 import numpy as np
 import PIL.Image
 import torch
@@ -55,6 +57,8 @@ def to_pil(image) -> PIL.Image.Image:
     (URL, local path or base64, as in chat messages) is loaded with transformers' `load_image`."""
     if isinstance(image, PIL.Image.Image):
         return image
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
     if isinstance(image, str):
         try:
             return load_image(image)
