@@ -322,3 +322,17 @@ def test_the_pipeline_edits_an_image_given_as_a_path(tmp_path, model, processor)
     for source in (str(tmp_path / "source.png"), tmp_path / "source.png"):
         from_path = pipe("make it blue", image=source, generator=torch.Generator().manual_seed(0), **kwargs).images
         assert torch.equal(from_path, from_image)
+
+
+def test_the_pipeline_loads_through_the_diffusers_loader(tmp_path, model, processor, caplog):
+    """With a `model_index.json`, `from_pretrained` is diffusers' own: its components' log and its options."""
+    Tuna2Pipeline(model=model, processor=processor, guidance_scale=4.5).save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="diffusers.pipelines.pipeline_utils"):
+        loaded = Tuna2Pipeline.from_pretrained(tmp_path, use_safetensors=True)
+    assert "Loaded model as Tuna2ForConditionalGeneration from `model` subfolder" in caplog.text
+    assert loaded.config.guidance_scale == 4.5 and "_name_or_path" not in json.loads(
+        (tmp_path / "model_index.json").read_text()
+    )
+    (tmp_path / "model_index.json").unlink()  # a folder written by transformers alone
+    plain = Tuna2Pipeline.from_pretrained(tmp_path)
+    assert plain.config.guidance_scale == 3.0 and isinstance(plain.scheduler, FlowMatchEulerDiscreteScheduler)

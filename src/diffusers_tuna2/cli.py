@@ -163,9 +163,12 @@ def model_folder(args) -> Path:
 def load(load_from: Callable, path: Path, device: str | None = None):
     """`load_from(path)`, moved to `device`; whatever a damaged checkpoint raises (weights, tokenizer or processor
     files) is reported in one line."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # keep the terminal for the denoising progress bar and errors
+    # Keep the terminal for the denoising progress bar and errors.
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     try:
         loaded = load_from(path)
     except Exception as error:

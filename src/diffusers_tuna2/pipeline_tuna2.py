@@ -268,31 +268,36 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "Tuna2Pipeline":
-        """Loads the folder that `AutoModelForImageTextToText` loads: the model and processor from its root, the
-        scheduler from `scheduler/` (the default one when absent). A hub id is downloaded first. `dtype` (or
-        `torch_dtype`) is a dtype, or as in diffusers a dict of dtypes by component name with a `"default"` for the
-        others (float32 without one); it and the other keyword arguments go to the model's `from_pretrained`."""
+        """Loads the folder that `AutoModelForImageTextToText` loads (a hub id is downloaded first). With its
+        `model_index.json`, through diffusers' loader: the model and processor from the folder's root, the scheduler
+        from `scheduler/`, with diffusers' options (`variant`, `use_safetensors`, `torch_dtype` or `dtype` as a dtype
+        or a dict of dtypes by component name with a `"default"`, `device_map`, ...). A folder written by
+        transformers alone (no `model_index.json`) gets the default scheduler and sampling settings."""
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
             path = Path(snapshot_download(str(pretrained_model_name_or_path)))
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
-        if isinstance(kwargs.get("dtype"), dict):
-            kwargs["dtype"] = cls.model_dtype(kwargs["dtype"])
+        model_dtype = kwargs.get("dtype")
+        if isinstance(model_dtype, dict):
+            model_dtype = cls.model_dtype(model_dtype)
         variant = kwargs.get("variant")
         # transformers would raise an OSError about a missing file; diffusers names the variant.
         if variant is not None and not any(path.glob(f"*model.{variant}[.-]*")):
             raise ValueError(f"no model weights of `variant={variant!r}` in {path}")
+        if (path / MODEL_INDEX).is_file():
+            if variant is not None:  # diffusers looks for variants in component subfolders; the model is at the root
+                kwargs["model"] = Tuna2ForConditionalGeneration.from_pretrained(
+                    path,
+                    variant=kwargs.pop("variant"),
+                    dtype=model_dtype,
+                    use_safetensors=kwargs.get("use_safetensors"),
+                )
+            return super().from_pretrained(path, **kwargs)
+        kwargs.pop("dtype", None)
         scheduler = kwargs.pop("scheduler", None)
-        index = json.loads((path / MODEL_INDEX).read_text()) if (path / MODEL_INDEX).is_file() else {}
-        defaults = cls.sampling_defaults(path)
-        model = Tuna2ForConditionalGeneration.from_pretrained(path, **kwargs)
-        processor = Tuna2Processor.from_pretrained(path)
-        if scheduler is None and (path / "scheduler").is_dir():
-            library, class_name = index["scheduler"]
-            scheduler_class = getattr(__import__(library, fromlist=[class_name]), class_name)
-            scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
-        return cls(model=model, processor=processor, scheduler=scheduler, **defaults)
+        model = Tuna2ForConditionalGeneration.from_pretrained(path, dtype=model_dtype, **kwargs)
+        return cls(model=model, processor=Tuna2Processor.from_pretrained(path), scheduler=scheduler)
 
     @staticmethod
     def model_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype:
@@ -326,7 +331,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         `tuna2 convert` and `tuna2 init` (`diffusers_tuna2.conversion`) use it after the transformers converters."""
         save_directory = Path(save_directory)
         self.scheduler.save_pretrained(save_directory / "scheduler")
-        self.to_json_file(save_directory / MODEL_INDEX)
+        index = json.loads(self.to_json_string())
+        index.pop("_name_or_path", None)  # where a loaded pipeline came from, not a fact of the saved folder
+        (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------------------------------------ LoRA
 
