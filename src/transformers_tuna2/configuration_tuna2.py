@@ -91,7 +91,8 @@ class Tuna2Config(PreTrainedConfig):
             `from_pretrained` leaves the `flow_head.*` weights of the checkpoint on disk (about 3.8B of the 7B
             model's 10.3B parameters), text generation is unchanged, and image generation raises a `ValueError`.
             Passed to `from_pretrained` like any config attribute:
-            `AutoModelForImageTextToText.from_pretrained(path, load_flow_head=False)`.
+            `AutoModelForImageTextToText.from_pretrained(path, load_flow_head=False)`. `save_pretrained` keeps it in
+            the config, so a model saved without its flow head loads without it.
     """
 
     model_type = "tuna2"
