@@ -34,6 +34,7 @@ from huggingface_hub import snapshot_download
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
+from transformers_tuna2.modeling_tuna2 import NO_FLOW_HEAD_ERROR
 from transformers_tuna2.processing_tuna2 import generation_length
 
 from . import defaults
@@ -737,6 +738,8 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
+        if self.model.flow_head is None:
+            raise ValueError(NO_FLOW_HEAD_ERROR)
         editing = image is not None
         height, width = self.image_size(height, width)
         if guidance_scale is None:

@@ -86,6 +86,13 @@ class Tuna2Config(PreTrainedConfig):
             How the flow head's `patch_size**2 * num_channels` outputs per token become pixels. `"raster"` is the
             official flattening (token k holds raster-order pixels `[k p^2, (k+1) p^2)`, channel fastest), needed
             for official weights; `"patch"` is the standard un-patchify (token k holds patch k), for new models.
+        load_flow_head (`bool`, defaults to `True`):
+            Whether the model has its flow head. `False` builds an understanding-only model: no flow head is created,
+            `from_pretrained` leaves the `flow_head.*` weights of the checkpoint on disk (about 3.8B of the 7B
+            model's 10.3B parameters), text generation is unchanged, and image generation raises a `ValueError`.
+            Passed to `from_pretrained` like any config attribute:
+            `AutoModelForImageTextToText.from_pretrained(path, load_flow_head=False)`. `save_pretrained` keeps it in
+            the config, so a model saved without its flow head loads without it.
     """
 
     model_type = "tuna2"
@@ -124,6 +131,7 @@ class Tuna2Config(PreTrainedConfig):
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     output_layout: str = "raster"
+    load_flow_head: bool = True
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 

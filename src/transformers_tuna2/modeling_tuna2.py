@@ -835,8 +835,22 @@ class Tuna2Model(Tuna2PreTrainedModel):
         return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:].to(inputs_embeds.device)
 
 
+NO_FLOW_HEAD_ERROR = (
+    "this model was loaded without its flow head (load_flow_head=False) and can only generate text; "
+    "load it with load_flow_head=True to generate or edit images"
+)
+
+
 class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
-    """Tuna-2: understanding through the language-model head, generation and editing through the flow head."""
+    """Tuna-2: understanding through the language-model head, generation and editing through the flow head.
+
+    An understanding-only model, `from_pretrained(path, load_flow_head=False)`, has no flow head (`flow_head` is
+    None). The option is a config attribute, so that the model's structure follows from its config alone (as
+    `save_pretrained`, `from_config`, meta-device builds and `device_map` planning expect) and from_pretrained routes
+    it to the config by itself; the flow-head keys are then listed in this instance's
+    `_keys_to_ignore_on_load_unexpected`, so that transformers skips them (never read from disk) without warning.
+    Asking such a model for an image raises a `ValueError` naming the option.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -845,7 +859,9 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = Tuna2Model(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.flow_head = Tuna2FlowHead(config)
+        self.flow_head = Tuna2FlowHead(config) if config.load_flow_head else None
+        if not config.load_flow_head:  # read by post_init, per instance: a full model of the class still warns
+            self._keys_to_ignore_on_load_unexpected = [r"^flow_head\."]
         self.post_init()
 
     def get_output_embeddings(self):
@@ -927,7 +943,11 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
                 pixel_values, timesteps, clean_images = self.noise_images(pixel_values, image_roles)
         targets = [] if image_roles is None else (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
 
+        if targets and self.flow_head is None:
+            raise ValueError(NO_FLOW_HEAD_ERROR)
         language_model_cache, flow_head_cache = past_key_values, None
+        if isinstance(past_key_values, Tuna2Cache) and self.flow_head is None:
+            raise ValueError(NO_FLOW_HEAD_ERROR)
         if isinstance(past_key_values, Tuna2Cache):
             language_model_cache, flow_head_cache = past_key_values.language_model, past_key_values.flow_head
         elif targets and past_key_values is not None and past_key_values.get_seq_length() > 0:
