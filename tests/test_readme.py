@@ -77,3 +77,14 @@ def test_readme_batch_of_two_conversations(tmp_path, tokenizer):
         )
         alone = model.generate(**inputs, max_new_tokens=8)[0, inputs.input_ids.shape[1] :]
         assert answer == processor.decode(alone, skip_special_tokens=True)
+
+
+def test_readme_one_forward_example_runs(tokenizer, processor, model):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(block for block in blocks if "Tuna2Cache(" in block)
+    namespace = {"model": model, "processor": processor}
+    with torch.no_grad():
+        exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["x0"].shape == (1, 3, 512, 512)
+    cache, layout = namespace["cache"], namespace["layout"]
+    assert cache.language_model.get_seq_length() == cache.flow_head.get_seq_length() == layout["input_ids"].shape[1]
