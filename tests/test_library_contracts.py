@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import StaticCache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 
 from diffusers_tuna2 import Tuna2Pipeline
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2ImageRole, Tuna2Processor
@@ -245,6 +245,49 @@ def test_get_image_features_follows_the_transformers_convention(processor, model
     height, width = inputs.pixel_values.shape[-2:]
     assert features.image_grids == [(height // 16, width // 16)] and features.time_embeds.shape[0] == 1
     torch.testing.assert_close(as_tuple[0], features.last_hidden_state)
+
+
+def test_image_features_are_a_pooled_output_with_one_entry_per_image(processor, model):
+    """As transformers' VLMs give them (`BaseModelOutputWithPooling`): `pooler_output` holds each image's embeddings;
+    no vision encoder, so no hidden states or attentions."""
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        features = model.model.get_image_features(images, output_hidden_states=True, output_attentions=True)
+    assert isinstance(features, BaseModelOutputWithPooling)
+    assert [tuple(span.shape) for span in features.pooler_output] == [(1 + 2 * 3, 128)] * 2
+    torch.testing.assert_close(torch.cat(features.pooler_output), features.last_hidden_state)
+    assert features.hidden_states is None and features.attentions is None
+
+
+def test_base_model_tuple_holds_the_model_outputs_only(processor, model):
+    """`return_dict=False` gives the outputs transformers' base models give, without the image spans, positions and
+    attention masks handed on to the flow head."""
+    inputs, _ = image_prompt(processor, model)
+    with torch.no_grad():
+        as_output = model.model(**inputs, use_cache=True)
+        as_tuple = model.model(**inputs, use_cache=True, return_dict=False)
+    assert as_output.causal_mask_mapping is not None and as_output.image_spans is not None
+    assert len(as_tuple) == 3  # last_hidden_state, past_key_values, time_embeds
+    torch.testing.assert_close(as_tuple[0], as_output.last_hidden_state)
+    assert isinstance(as_tuple[1], type(as_output.past_key_values))
+    torch.testing.assert_close(as_tuple[2], as_output.time_embeds)
+    torch.testing.assert_close(as_output[2], as_output.time_embeds)
+
+
+def test_config_return_dict_false_gives_tuples(processor, model):
+    """`config.return_dict = False` makes the model return tuples; the model's own calls still read outputs."""
+    inputs, labels = image_prompt(processor, model)
+    config = copy.deepcopy(model.config)
+    config.return_dict = False
+    as_tuples = Tuna2ForConditionalGeneration(config).eval()
+    as_tuples.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels)
+        loss, logits, *_ = as_tuples(**inputs, labels=labels)
+        features = as_tuples.model.get_image_features(inputs.pixel_values)
+    torch.testing.assert_close(loss, expected.loss)
+    torch.testing.assert_close(logits, expected.logits)
+    assert isinstance(features, tuple)
 
 
 def test_the_tied_lm_head_is_in_the_tensor_parallel_plan(model):

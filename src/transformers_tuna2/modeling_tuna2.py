@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
@@ -443,17 +443,21 @@ class Tuna2FlowHead(nn.Module):
 
 
 @dataclass
-class Tuna2ImageFeaturesOutput(ModelOutput):
+class Tuna2ImageFeaturesOutput(BaseModelOutputWithPooling):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(total_span_slots, hidden_size)`):
         The span embeddings of all images, concatenated: for each image its time slot, then its patches.
+    pooler_output (`tuple(torch.FloatTensor)`):
+        The same embeddings split per image (`(1 + num_patches, hidden_size)` each), as transformers' VLMs give
+        their image embeddings.
+    hidden_states, attentions:
+        Always `None`: there is no vision encoder.
     time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`):
         Timestep embedding of each image (its time slot and its adaLN conditioning).
     image_grids (`list[tuple[int, int]]`):
         Patch grid `(h, w)` of each image.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
     time_embeds: torch.FloatTensor | None = None
     image_grids: list[tuple[int, int]] | None = None
 
@@ -487,6 +491,12 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     image_spans: Tuna2ImageSpans | None = None
     position_ids: torch.LongTensor | None = None
     causal_mask_mapping: dict | None = None
+
+    def to_tuple(self) -> tuple:
+        """The outputs of the model (as in transformers' tuples, `return_dict=False`), without what it hands on to
+        the flow head (`image_spans`, `position_ids`, `causal_mask_mapping`)."""
+        handed_on = ("image_spans", "position_ids", "causal_mask_mapping")
+        return tuple(value for key, value in self.items() if key not in handed_on)
 
 
 @dataclass
@@ -665,7 +675,10 @@ class Tuna2Model(Tuna2PreTrainedModel):
             patch_embeds = [self.mask_patches(embeds) for embeds in patch_embeds]
         span_embeds = [torch.cat([time[None], patches]) for time, patches in zip(time_embeds, patch_embeds)]
         return Tuna2ImageFeaturesOutput(
-            last_hidden_state=torch.cat(span_embeds), time_embeds=time_embeds, image_grids=grids
+            last_hidden_state=torch.cat(span_embeds),
+            pooler_output=tuple(span_embeds),
+            time_embeds=time_embeds,
+            image_grids=grids,
         )
 
     def mask_patches(self, patch_embeds: torch.Tensor) -> torch.Tensor:
@@ -782,7 +795,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         if pixel_values is not None:
             span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
             spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
-            image_features = self.get_image_features(pixel_values, timesteps)
+            image_features = self.get_image_features(pixel_values, timesteps, return_dict=True)
             placeholder_mask = self.get_placeholder_mask(span_ids, spans, image_features.image_grids)
             image_embeds = image_features.last_hidden_state.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
@@ -962,6 +975,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             past_key_values=language_model_cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
