@@ -5,9 +5,10 @@
         --peak-tflops 989                                            # official 7B shapes, random weights
 
 Both modes run on the same weights in one process, with CFG (two branches in one batch) and the official default
-negative prompt. Reports seconds per image and per step, and the throughput on the image-span FLOPs (the work a
-cached step has to do: the LLM and flow-head layers on the 1 + h*w span tokens of both branches, attention to the
-whole sequence included); with --peak-tflops, the fraction of that peak.
+negative prompt, or with `--guidance-scale 1` one branch without padding (its cached steps need no attention mask).
+Reports seconds per image and per step, and the throughput on the image-span FLOPs (the work a cached step has to
+do: the LLM and flow-head layers on the 1 + h*w span tokens of every branch, attention to the whole sequence
+included); with --peak-tflops, the fraction of that peak.
 """
 
 import argparse
@@ -70,6 +71,9 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--guidance-scale", type=float, default=3.0, help="1.0: no CFG, one branch (its cached steps run unmasked)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for --dtype")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,7 +84,13 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    kwargs = dict(height=args.size, width=args.size, num_inference_steps=args.steps, output_type="latent")
+    kwargs = dict(
+        height=args.size,
+        width=args.size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        output_type="latent",
+    )
     prompt = "a red fox reading a newspaper on a park bench"
     pipe(prompt, **{**kwargs, "num_inference_steps": 1})  # warm-up
     results = {}
@@ -92,16 +102,19 @@ def main():
         results[mode] = (time.perf_counter() - start, image)
     difference = (results["full recompute"][1].float() - results["prefix cache"][1].float()).abs().max().item()
 
-    prefixes = pipe.processor.generation_inputs([prompt, DEFAULT_NEGATIVE_PROMPT], args.size, args.size)
+    cfg = args.guidance_scale != 1.0
+    prompts = [prompt, DEFAULT_NEGATIVE_PROMPT] if cfg else [prompt]
+    prefixes = pipe.processor.generation_inputs(prompts, args.size, args.size)
     span = pipe.processor.num_span_slots(args.size, args.size)
-    flops_per_step = sum(  # both CFG branches, each with its own prefix
+    flops_per_step = sum(  # every branch (both with CFG), each with its own prefix
         span_flops(pipe.model.config, span, int(length)) for length in prefixes["attention_mask"].sum(1)
     )
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
     print(
         f"date {date.today()}, {device_name or platform.machine()}, torch {torch.__version__}, {args.threads} "
-        f"threads, preset {args.preset}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, CFG on"
+        f"threads, preset {args.preset}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, "
+        f"CFG {'on' if cfg else 'off'}"
     )
     for mode, (seconds, _) in results.items():
         line = f"{mode:15s} {seconds:8.3f} s/image  {seconds / args.steps * 1e3:9.2f} ms/step"

@@ -18,7 +18,7 @@ from transformers import GenerationMixin, LlamaConfig, Qwen2Model
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -84,6 +84,13 @@ class Tuna2ImageSpans:
     @property
     def is_patch(self) -> torch.BoolTensor:
         return self.span_position > 0
+
+    @property
+    def fill_each_row(self) -> bool:
+        """Whether each row is one whole image span, as in a denoising step after a cached prefix: every position then
+        attends to every key (the cached ones before it, and its own span), so only padding masks anything."""
+        batch_size, seq_len = self.image_index.shape
+        return self.num_images == batch_size and all(length == seq_len for length in self.lengths)
 
 
 def check_image_sizes(images: list[torch.Tensor], patch_size: int, num_channels: int) -> list[tuple[int, int]]:
@@ -481,6 +488,9 @@ class Tuna2ModelOutputWithPast(ModelOutput):
         The positions the language model used.
     causal_mask_mapping (`dict[str, torch.Tensor]`):
         The attention masks the language model used, by layer type; the flow head reuses them.
+    is_causal (`bool`, *optional*):
+        `False` when the masks have no causal part (each row one whole image span after a cached prefix): where a
+        mask is then `None` (no padding, sdpa or eager), the attention runs unmasked instead of causal.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -491,6 +501,7 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     image_spans: Tuna2ImageSpans | None = None
     position_ids: torch.LongTensor | None = None
     causal_mask_mapping: dict | None = None
+    is_causal: bool | None = None
 
     def to_tuple(self) -> tuple:
         """The outputs of the model (as in transformers' tuples, `return_dict=False`), without what it hands on to
@@ -591,7 +602,7 @@ class Tuna2PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     # The decoding step (text tokens, no pixel_values) has no data-dependent branch; reading image spans has.
     _can_compile_fullgraph = True
 
@@ -727,7 +738,19 @@ class Tuna2Model(Tuna2PreTrainedModel):
         spans: Tuna2ImageSpans,
     ) -> dict[str, torch.Tensor | None]:
         """Causal attention, bidirectional inside each image span (time slot and patches, not the boi/eoi tokens),
-        with the padding of `attention_mask`. Shared by the language model and the flow head."""
+        with the padding of `attention_mask`. Shared by the language model and the flow head.
+
+        When each row is one whole image span (a denoising step after a cached prefix), every position sees every
+        key: the mask is the padding alone, and `None` (no mask to build, sdpa's fused kernels) without padding; the
+        attention must then run with `is_causal=False`."""
+        if spans.fill_each_row:
+            mask = create_bidirectional_mask(
+                config=self.config.text_config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+            )
+            return {"full_attention": mask}
         block_sequence_ids = None
         if spans.num_images > 0:
             # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
@@ -811,11 +834,15 @@ class Tuna2Model(Tuna2PreTrainedModel):
                     "as text"
                 )
 
-        causal_mask_mapping = attention_mask
+        causal_mask_mapping, is_causal = attention_mask, None
         if not isinstance(causal_mask_mapping, dict):
             causal_mask_mapping = self.create_attention_mask(
                 inputs_embeds, attention_mask, past_key_values, position_ids, spans
             )
+            if spans.fill_each_row:
+                # The mask, when there is one, is the padding alone; without one, sdpa must not fall back to causal.
+                is_causal = False
+                kwargs["is_causal"] = False
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -834,6 +861,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
             image_spans=spans,
             position_ids=position_ids,
             causal_mask_mapping=causal_mask_mapping,
+            is_causal=is_causal,
         )
 
     @staticmethod
@@ -1020,6 +1048,8 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         time_embeds = outputs.time_embeds
         if time_embeds is None:  # a text-only prefix: the head runs to extend its cache
             time_embeds = hidden_states.new_zeros(0, hidden_states.shape[-1])
+        if outputs.is_causal is not None:
+            kwargs["is_causal"] = outputs.is_causal
         head_output = self.flow_head(
             hidden_states,
             time_embeds,
