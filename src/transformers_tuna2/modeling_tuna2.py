@@ -505,8 +505,8 @@ class Tuna2ModelOutputWithPast(ModelOutput):
 
     def to_tuple(self) -> tuple:
         """The outputs of the model (as in transformers' tuples, `return_dict=False`), without what it hands on to
-        the flow head (`image_spans`, `position_ids`, `causal_mask_mapping`)."""
-        handed_on = ("image_spans", "position_ids", "causal_mask_mapping")
+        the flow head (`image_spans`, `position_ids`, `causal_mask_mapping`, `is_causal`)."""
+        handed_on = ("image_spans", "position_ids", "causal_mask_mapping", "is_causal")
         return tuple(value for key, value in self.items() if key not in handed_on)
 
 
@@ -984,11 +984,9 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
                 pixel_values, timesteps, clean_images = self.noise_images(pixel_values, image_roles)
         targets = [] if image_roles is None else (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
 
-        if targets and self.flow_head is None:
+        if (targets or isinstance(past_key_values, Tuna2Cache)) and self.flow_head is None:
             raise ValueError(NO_FLOW_HEAD_ERROR)
         language_model_cache, flow_head_cache = past_key_values, None
-        if isinstance(past_key_values, Tuna2Cache) and self.flow_head is None:
-            raise ValueError(NO_FLOW_HEAD_ERROR)
         if isinstance(past_key_values, Tuna2Cache):
             language_model_cache, flow_head_cache = past_key_values.language_model, past_key_values.flow_head
         elif targets and past_key_values is not None and past_key_values.get_seq_length() > 0:
