@@ -126,10 +126,16 @@ def bench_t2i(pipe, device: Device, args, peak_tflops: float | None) -> list[dic
             if reason is not None:
                 rows.append({**row, "status": reason})
                 continue
-            pipe(PROMPT, **{**kwargs, "num_inference_steps": 1}, use_prefix_cache=use_cache)  # warm-up
-            seconds, _, peak = device.timed(
-                lambda: pipe(PROMPT, generator=torch.Generator().manual_seed(0), use_prefix_cache=use_cache, **kwargs)
-            )
+            try:
+                pipe(PROMPT, **{**kwargs, "num_inference_steps": 1}, use_prefix_cache=use_cache)  # warm-up
+                seconds, _, peak = device.timed(
+                    lambda: pipe(
+                        PROMPT, generator=torch.Generator().manual_seed(0), use_prefix_cache=use_cache, **kwargs
+                    )
+                )
+            except Exception as error:  # e.g. out of memory, or a kernel the device's compiler cannot build
+                rows.append({**row, "status": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+                continue
             row.update(status="ok", seconds_per_image=seconds, peak_memory_gib=peak, tflops=flops / seconds / 1e12)
             row["seconds_at_peak_flops"] = flops / (peak_tflops * 1e12) if peak_tflops else None
             rows.append(row)
