@@ -42,23 +42,28 @@ def span_flops(config: Tuna2Config, span: int, context: int) -> float:
     return 2.0 * span * per_token
 
 
+def random_model(preset: str, tokenizer, device: str, dtype: torch.dtype) -> Tuna2ForConditionalGeneration:
+    """The tiny test model, or the official 7B shapes with random N(0, 0.02) weights, on `device` in `dtype`."""
+    if preset == "tiny":
+        return tiny_model(tokenizer).to(device=device, dtype=dtype)
+    config = Tuna2Config.tuna2_7b(
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    with torch.device(device):
+        model = Tuna2ForConditionalGeneration(config).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02)
+    return model
+
+
 def build(preset: str, device: str, dtype: torch.dtype):
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    if preset == "tiny":
-        model = tiny_model(tokenizer)
-    else:
-        config = Tuna2Config.tuna2_7b(
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        )
-        with torch.device(device):
-            model = Tuna2ForConditionalGeneration(config).to(dtype)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.normal_(0, 0.02)
-    pipe = Tuna2Pipeline(model=model.to(device=device, dtype=dtype).eval(), processor=processor)
+    model = random_model(preset, tokenizer, device, dtype)
+    pipe = Tuna2Pipeline(model=model.eval(), processor=processor)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

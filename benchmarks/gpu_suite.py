@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_t2i import span_flops  # noqa: E402
+from bench_t2i import random_model, span_flops  # noqa: E402
 from memory_7b import memory_rows  # noqa: E402
 
 from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline  # noqa: E402
-from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2ImageRole  # noqa: E402
-from tuna2_training.tiny import build_processor, build_tokenizer, tiny_model  # noqa: E402
+from transformers_tuna2 import Tuna2ImageRole  # noqa: E402
+from tuna2_training.tiny import build_processor, build_tokenizer  # noqa: E402
 from tuna2_training.trainer import lora_target_modules  # noqa: E402
 
 GiB = 1024**3
@@ -78,22 +78,6 @@ class Device:
         result = fn()
         self.sync()
         return time.perf_counter() - start, result, self.peak_gib()
-
-
-def build_model(tiny: bool, tokenizer, device: str, dtype: torch.dtype) -> Tuna2ForConditionalGeneration:
-    if tiny:
-        return tiny_model(tokenizer).to(device=device, dtype=dtype)
-    config = Tuna2Config.tuna2_7b(
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
-    with torch.device(device):
-        model = Tuna2ForConditionalGeneration(config).to(dtype)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.02)
-    return model
 
 
 def t2i_flops(pipe: Tuna2Pipeline, height: int, width: int, steps: int) -> float:
@@ -338,7 +322,7 @@ def main(argv=None):
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, size={"height": args.height, "width": args.width})
-    model = build_model(args.tiny, tokenizer, args.device, dtype).eval()
+    model = random_model("tiny" if args.tiny else "7b", tokenizer, args.device, dtype).eval()
     pipe = Tuna2Pipeline(model=model, processor=processor)
     pipe.set_progress_bar_config(disable=True)
 
