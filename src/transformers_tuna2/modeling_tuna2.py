@@ -871,7 +871,8 @@ class Tuna2Model(Tuna2PreTrainedModel):
         """Positions counted over real tokens only, so that a left-padded prompt sees the positions it has alone."""
         length = inputs_embeds.shape[1]
         if attention_mask is None or attention_mask.ndim != 2:
-            return torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+            # `past_length` is a tensor for a static cache: added, not read, so that export can trace it.
+            return (torch.arange(length, device=inputs_embeds.device) + past_length)[None]
         position_ids = attention_mask.long().cumsum(-1) - 1
         return position_ids.masked_fill(attention_mask == 0, 0)[:, -length:].to(inputs_embeds.device)
 
