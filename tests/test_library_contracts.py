@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import StaticCache
+from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 
 from diffusers_tuna2 import Tuna2Pipeline
@@ -379,3 +380,23 @@ def test_the_pipeline_loads_through_the_diffusers_loader(tmp_path, model, proces
     (tmp_path / "model_index.json").unlink()  # a folder written by transformers alone
     plain = Tuna2Pipeline.from_pretrained(tmp_path)
     assert plain.config.guidance_scale == 3.0 and isinstance(plain.scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def test_the_text_decoder_exports_with_a_static_cache(tokenizer):
+    """`torch.export` of the model behind transformers' static-cache export recipe; greedy decoding with the
+    exported program gives `generate()`'s tokens."""
+    model = tiny_model(tokenizer).eval()
+    model.generation_config.cache_implementation = "static"
+    recipe = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=16)
+    with torch.no_grad():
+        step = {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([0])}
+        exported = torch.export.export(recipe, args=(), kwargs=step, strict=False).module()
+        tokens = [5, 6, 7, 8]
+        for position in range(9):
+            logits = exported(input_ids=torch.tensor([[tokens[position]]]), cache_position=torch.tensor([position]))
+            if position >= 3:
+                tokens.append(int(logits[0, -1].argmax()))
+        expected = model.generate(
+            torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert tokens == expected[0].tolist()
