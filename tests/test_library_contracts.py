@@ -400,3 +400,33 @@ def test_the_text_decoder_exports_with_a_static_cache(tokenizer):
             torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
     assert tokens == expected[0].tolist()
+
+
+def test_hub_options_reach_the_download(tmp_path, model, processor, monkeypatch):
+    Tuna2Pipeline(model=model, processor=processor).save_pretrained(tmp_path)
+    downloads = []
+
+    def fake_download(repo_id, **options):
+        downloads.append((repo_id, options))
+        return str(tmp_path)
+
+    monkeypatch.setattr("diffusers_tuna2.pipeline_tuna2.snapshot_download", fake_download)
+    Tuna2Pipeline.from_pretrained("org/tuna2", revision="v2", local_files_only=True, token="t")
+    assert downloads == [("org/tuna2", {"revision": "v2", "local_files_only": True, "token": "t"})]
+
+
+def test_a_transformers_folder_takes_the_pipeline_options(tmp_path, model, processor):
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = Tuna2Pipeline.from_pretrained(tmp_path, guidance_scale=4.5, negative_prompt="")
+    assert pipe.config.guidance_scale == 4.5 and pipe.config.negative_prompt == ""
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_the_command_line_picks_bfloat16_on_any_cuda_device(device):
+    from argparse import Namespace
+
+    from diffusers_tuna2.cli import settings
+
+    assert settings(Namespace(device=device, dtype=None)) == (device, torch.bfloat16)
+    assert settings(Namespace(device="cpu", dtype=None)) == ("cpu", torch.float32)

@@ -149,7 +149,8 @@ def settings(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     return device, dtype
 
 

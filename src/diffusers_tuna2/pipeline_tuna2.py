@@ -27,7 +27,7 @@ from diffusers.loaders.lora_base import (
 )
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging
+from diffusers.utils import is_peft_available, logging
 from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
@@ -65,6 +65,9 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
     "bad composition"
 )
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What `from_pretrained` hands to the hub download, and to the model's own loading.
+HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+MODEL_LOADING_OPTIONS = ("use_safetensors", "device_map", "quantization_config", "low_cpu_mem_usage")
 MODEL_INDEX = "model_index.json"
 COMPONENTS = ("model", "processor", "scheduler")
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -276,7 +279,8 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         transformers alone (no `model_index.json`) gets the default scheduler and sampling settings."""
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
-            path = Path(snapshot_download(str(pretrained_model_name_or_path)))
+            hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
+            path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_options))
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         model_dtype = kwargs.get("dtype")
@@ -288,17 +292,20 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             raise ValueError(f"no model weights of `variant={variant!r}` in {path}")
         if (path / MODEL_INDEX).is_file():
             if variant is not None:  # diffusers looks for variants in component subfolders; the model is at the root
+                model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
                 kwargs["model"] = Tuna2ForConditionalGeneration.from_pretrained(
-                    path,
-                    variant=kwargs.pop("variant"),
-                    dtype=model_dtype,
-                    use_safetensors=kwargs.get("use_safetensors"),
+                    path, variant=kwargs.pop("variant"), dtype=model_dtype, **model_options
                 )
             return super().from_pretrained(path, **kwargs)
         kwargs.pop("dtype", None)
-        scheduler = kwargs.pop("scheduler", None)
-        model = Tuna2ForConditionalGeneration.from_pretrained(path, dtype=model_dtype, **kwargs)
-        return cls(model=model, processor=Tuna2Processor.from_pretrained(path), scheduler=scheduler)
+        pipeline_options = {
+            key: kwargs.pop(key) for key in inspect.signature(cls.__init__).parameters if key in kwargs
+        }
+        processor = pipeline_options.pop("processor", None) or Tuna2Processor.from_pretrained(path)
+        model = pipeline_options.pop("model", None) or Tuna2ForConditionalGeneration.from_pretrained(
+            path, dtype=model_dtype, **kwargs
+        )
+        return cls(model=model, processor=processor, **pipeline_options)
 
     @staticmethod
     def model_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype:
@@ -374,6 +381,8 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         `weight_name` or state dict), else a PEFT adapter folder (`adapter_config.json`, through the model's
         `load_adapter`). `adapter_name` defaults to diffusers' `default_<n>`. Keys that match no module of the model
         raise a `ValueError` naming them. The other keyword arguments are those of `lora_state_dict`."""
+        if not is_peft_available():
+            raise ValueError("loading a LoRA needs PEFT: pip install peft (or the `train` extra)")
         if adapter_name is None:
             adapter_name = get_adapter_name(self.model)
         if self.is_peft_adapter(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name")):
@@ -652,7 +661,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         generators = generator if isinstance(generator, list) else [generator] * num_images
         eps = torch.cat(
             [
-                randn_tensor((1, *shape[1:]), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+                randn_tensor(
+                    (1, *shape[1:]), generator=g, device=g.device if g is not None else "cpu", dtype=torch.float32
+                )
                 for g in generators
             ]
         )
