@@ -127,8 +127,8 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
-def text_ranges(text: str, part: str, start: int, end: int, target: str | None) -> list[tuple[int, int]]:
-    """Character ranges of `part` (placed at `start`..`end` of `text`) that hold the queries: all of it, or each
+def text_ranges(part: str, start: int, end: int, target: str | None) -> list[tuple[int, int]]:
+    """Character ranges of `part` (placed at `start`..`end` of the prompt) that hold the queries: all of it, or each
     occurrence of `target` in it (case-insensitive)."""
     if target is None:
         return [(start, end)]
@@ -252,9 +252,9 @@ def attention_maps(
 
     ranges = []
     if query in ("question", "both"):
-        ranges += text_ranges(text, question, question_start, end_of_question, target)
+        ranges += text_ranges(question, question_start, end_of_question, target)
     if query in ("answer", "both"):
-        ranges += text_ranges(text, answer, len(prompt), len(text), target)
+        ranges += text_ranges(answer, len(prompt), len(text), target)
     encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoding["input_ids"]
     rows = [
