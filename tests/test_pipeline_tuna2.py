@@ -255,3 +255,16 @@ def test_hub_id_is_downloaded_first(tmp_path, pipe, monkeypatch):
     loaded = Tuna2Pipeline.from_pretrained("someone/tuna2-tiny")
     assert requested == ["someone/tuna2-tiny"]
     assert torch.equal(loaded.model.lm_head.weight, pipe.model.lm_head.weight)
+
+
+def test_sampling_from_a_model_in_training_mode_warns(tokenizer, caplog):
+    pipe = Tuna2Pipeline(model=tiny_model(tokenizer).train(), processor=build_processor(tokenizer))
+    pipe.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        pipe("a red circle", height=32, width=32, num_inference_steps=1, output_type="latent")
+    assert "the model is in training mode" in caplog.text
+    caplog.clear()
+    pipe.model.eval()
+    with caplog.at_level("WARNING"):
+        pipe("a red circle", height=32, width=32, num_inference_steps=1, output_type="latent")
+    assert "training mode" not in caplog.text

@@ -751,6 +751,11 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         """
         if self.model.flow_head is None:
             raise ValueError(NO_FLOW_HEAD_ERROR)
+        if self.model.training:
+            logger.warning(
+                "the model is in training mode: masked image modelling and dropout change its predictions; call "
+                "pipe.model.eval() before sampling"
+            )
         editing = image is not None
         height, width = self.image_size(height, width)
         if guidance_scale is None:
