@@ -151,3 +151,14 @@ def test_the_pipeline_calls_only_forward_and_offloads_through_the_hooks(processo
     assert len(calls) == 1 + 3  # the prefix, then one call per step
     assert moves == [torch.device("cpu:0")] * len(calls)
     assert torch.equal(offloaded, expected)
+
+
+def test_the_cache_repeats_and_selects_rows_in_both_stacks(processor, model):
+    inputs, _ = text_to_image_inputs(processor, ["a red circle"])
+    cache = Tuna2Cache(config=model.config)
+    with torch.no_grad():
+        model(inputs["input_ids"], attention_mask=inputs["attention_mask"], past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(3)
+    assert cache.language_model.layers[0].keys.shape[0] == cache.flow_head.layers[0].keys.shape[0] == 3
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    assert cache.language_model.layers[0].keys.shape[0] == cache.flow_head.layers[0].keys.shape[0] == 2

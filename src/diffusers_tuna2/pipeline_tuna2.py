@@ -34,7 +34,6 @@ from huggingface_hub import snapshot_download
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
-from transformers_tuna2.modeling_tuna2 import NO_FLOW_HEAD_ERROR
 from transformers_tuna2.processing_tuna2 import generation_length
 
 from . import defaults
@@ -646,7 +645,7 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         return Tuna2EncodedPrompt(
             input_ids=span_ids,
             attention_mask=torch.cat([prefix_mask, torch.ones_like(span_ids)], dim=1),
-            image_roles=torch.full((len(texts),), Tuna2ImageRole.TARGET),
+            image_roles=inputs["image_roles"][inputs["image_roles"] == Tuna2ImageRole.TARGET],
             past_key_values=cache,
         )
 
@@ -749,8 +748,6 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
-        if self.model.flow_head is None:
-            raise ValueError(NO_FLOW_HEAD_ERROR)
         if self.model.training:
             logger.warning(
                 "the model is in training mode: masked image modelling and dropout change its predictions; call "

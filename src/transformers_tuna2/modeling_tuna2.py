@@ -588,6 +588,14 @@ class Tuna2Cache(Cache):
         self.language_model.reorder_cache(beam_idx)
         self.flow_head.reorder_cache(beam_idx)
 
+    def batch_repeat_interleave(self, repeats: int):
+        self.language_model.batch_repeat_interleave(repeats)
+        self.flow_head.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self.language_model.batch_select_indices(indices)
+        self.flow_head.batch_select_indices(indices)
+
     @property
     def is_compileable(self) -> bool:
         return self.language_model.is_compileable and self.flow_head.is_compileable
