@@ -154,6 +154,37 @@ def test_int8_llm_and_flow_head(saved, plain, processor):
     assert (final_state(model, processor) - plain["state"]).abs().max() <= 0.05
 
 
+def test_int8_llm_and_flow_head_trains_a_lora(saved, processor, tmp_path):
+    """transformers' Trainer refuses to train a torchao model whose config is not an 8-bit one (a per-weight
+    `FqnToConfig` included): both parts in int8 must come as one int8 config."""
+    pytest.importorskip("torchao", minversion="0.15", reason="quantized loading needs the `quant` extra (torchao)")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from transformers_tuna2.quantization import quantization_config
+    from tuna2_training.trainer import Tuna2SFTTrainer, lora_target_modules
+
+    model = load(saved, quantization_config=quantization_config(llm="int8", flow_head="int8"))
+    assert model.hf_quantizer.is_trainable
+    trainer = Tuna2SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to="none",
+            max_length=None,
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        ),
+        train_dataset=Dataset.from_list([{"text": "a red circle"}]),
+        processing_class=processor,
+        peft_config=LoraConfig(r=2, target_modules=lora_target_modules("all")),
+    )
+    trained = {name for name, param in trainer.model.named_parameters() if param.requires_grad}
+    assert any("flow_head.layers.0" in name for name in trained) and all("lora_" in name for name in trained)
+
+
 def test_quantization_config_parts():
     pytest.importorskip("torchao", minversion="0.15", reason="quantized loading needs the `quant` extra (torchao)")
     from torchao.quantization import FqnToConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig
@@ -172,6 +203,9 @@ def test_quantization_config_parts():
     assert isinstance(parts[LLM_WEIGHTS], Int4WeightOnlyConfig) and parts[LLM_WEIGHTS].group_size == 64
     assert isinstance(parts[FLOW_HEAD_WEIGHTS], Int8WeightOnlyConfig)
     assert "flow_head.final_layer" in mixed.modules_to_not_convert and "flow_head" not in mixed.modules_to_not_convert
+    both = quantization_config(llm="int8", flow_head="int8")
+    assert isinstance(both.quant_type, Int8WeightOnlyConfig)
+    assert both.modules_to_not_convert == ["model.patch_embed", "model.time_embed", "lm_head", "flow_head.final_layer"]
     only_flow_head = quantization_config(llm=None, flow_head="int8").quant_type.fqn_to_config
     assert list(only_flow_head) == [FLOW_HEAD_WEIGHTS]
     llm_only = llm_quantization_config("int8")

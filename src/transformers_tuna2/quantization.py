@@ -68,12 +68,16 @@ def quantization_config(
         return TorchAoConfig(
             _torchao_config(llm, group_size, "llm"), modules_to_not_convert=list(NOT_QUANTIZED_MODULES)
         )
+    not_converted = ["model.patch_embed", "model.time_embed", "lm_head", *FLOW_HEAD_NOT_QUANTIZED_MODULES]
+    if llm == flow_head:
+        # One torchao config over every linear left: transformers' Trainer accepts it for (LoRA) training, which it
+        # refuses for a per-weight `FqnToConfig`.
+        return TorchAoConfig(_torchao_config(llm, group_size, "llm"), modules_to_not_convert=not_converted)
     from torchao.quantization import FqnToConfig
 
     parts = {FLOW_HEAD_WEIGHTS: _torchao_config(flow_head, group_size, "flow_head")}
     if llm is not None:
         parts = {LLM_WEIGHTS: _torchao_config(llm, group_size, "llm"), **parts}
-    not_converted = ["model.patch_embed", "model.time_embed", "lm_head", *FLOW_HEAD_NOT_QUANTIZED_MODULES]
     return TorchAoConfig(FqnToConfig(parts), modules_to_not_convert=not_converted)
 
 
