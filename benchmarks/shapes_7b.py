@@ -23,7 +23,7 @@ its peak memory measured.
 Every measured process runs under a memory limit (a memory cgroup where this machine allows one, else
 `RLIMIT_AS`), with the highest OOM score, so that running out of memory ends that process, which is then recorded as
 not fitting. Peak RSS is `ru_maxrss` from `wait4` (memory-mapped file pages count in it); inside a process each
-phase's peak is `VmHWM` after resetting it (`/proc/self/clear_refs`). The files made are removed at the end unless
+phase's peak is `VmHWM` after resetting it (`/proc/self/clear_refs`), and the process's peak the largest of both. The files made are removed at the end unless
 `--keep`.
 """
 
@@ -109,14 +109,16 @@ MODES = {
     "device-map": "bf16, `device_map=\"auto\", max_memory={\"cpu\": ...}, offload_folder=...`",
 }
 # The phases each mode runs, in order; `lora` is the LoRA SFT step, `decode`/`denoise` the efficiency rows.
+# (`denoise` is text-to-image with 3 steps, the third recorded.) Offloading modes read their offloaded weights from
+# disk at every forward, so they run the fewest forwards that show their memory.
 RUNS = {
     "bf16": ("generate", "t2i", "edit"),
     "understanding": ("generate", "decode"),
-    "llm-int8": ("generate", "t2i", "edit", "denoise"),
-    "int8": ("generate", "t2i", "edit", "lora"),
-    "nf4": ("generate", "t2i", "edit", "lora"),
-    "group-offload": ("generate", "t2i", "edit"),
-    "device-map": ("generate", "t2i"),
+    "llm-int8": ("generate", "denoise", "edit"),
+    "int8": ("t2i", "edit", "lora"),
+    "nf4": ("t2i",),
+    "group-offload": ("t2i",),
+    "device-map": ("generate",),
 }
 
 
@@ -202,8 +204,9 @@ def sample_memory(pid: int, peaks: dict, done: threading.Event):
                 peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
 
 
-def measure(command: list[str], log: Path, limit_bytes: int, name: str) -> dict:
-    """Runs `command` under the memory limit; returns its exit, wall time and peak memory."""
+def measure(command: list[str], log: Path, limit_bytes: int, name: str, timeout: float | None = None) -> dict:
+    """Runs `command` under the memory limit (and ends it after `timeout` seconds); returns its exit, wall time and
+    peak memory."""
     limit = MemoryLimit(limit_bytes, name)
     peaks, done = {}, threading.Event()
     start = time.perf_counter()
@@ -211,18 +214,27 @@ def measure(command: list[str], log: Path, limit_bytes: int, name: str) -> dict:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit.preexec)
         sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, done), daemon=True)
         sampler.start()
+        timer = threading.Timer(timeout, process.terminate) if timeout else None
+        if timer is not None:
+            timer.start()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
+        timed_out = timer is not None and not timer.is_alive()
+        if timer is not None:
+            timer.cancel()
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     killed = process.returncode < 0
-    out_of_memory = limit.out_of_memory() or (killed and -process.returncode == 9)
-    limit.close()
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    # The cgroup's OOM killer ends the process; under RLIMIT_AS an allocation fails instead.
+    out_of_memory = limit.out_of_memory() or (killed and -process.returncode == 9) or "MemoryError" in tail[0]
+    out_of_memory = out_of_memory or "alloc" in tail[0] and "memory" in tail[0]
+    limit.close()
     return {
         "exit_code": process.returncode,
-        "out_of_memory": out_of_memory,
+        "timed_out": timed_out,
+        "out_of_memory": out_of_memory and not timed_out,
         "limit_gib": limit_bytes / GiB,
         "limit_mechanism": limit.mechanism,
         "seconds": seconds,
@@ -263,9 +275,13 @@ def run_all(args) -> dict:
     def record(name: str, command: list[str]) -> dict:
         result = workdir / f"{name}.json"
         result.unlink(missing_ok=True)
-        row = measure(command, workdir / f"{name}.log", limit, "tuna2-shapes")
+        row = measure(command, workdir / f"{name}.log", limit, "tuna2-shapes", args.timeout_minutes * 60)
         if result.is_file():
             row.update(json.loads(result.read_text()))
+        # Resetting VmHWM for a phase's peak resets what ru_maxrss reports at exit too: the process's peak is the
+        # largest of its phases'.
+        phases = [value["peak_rss_gib"] for value in row.values() if isinstance(value, dict) and "peak_rss_gib" in value]
+        row["peak_rss_gib"] = max([row["peak_rss_gib"], *phases])
         rows[name] = row
         saved.write_text(json.dumps(rows, indent=2))  # runs can be resumed: --steps/--modes redo only those named
         status = "out of memory" if row["out_of_memory"] else f"exit {row['exit_code']}"
@@ -291,6 +307,7 @@ def run_all(args) -> dict:
                 output_gib=folder_bytes(converted) / GiB,
                 input_gib=checkpoint.stat().st_size / GiB,
             )
+            saved.write_text(json.dumps(rows, indent=2))
         if not args.keep:
             shutil.rmtree(checkpoint.parent, ignore_errors=True)
     for mode in args.modes:
@@ -705,6 +722,7 @@ def phase_lora(model, processor, workdir: Path) -> dict:
     )
     start = time.perf_counter()
     output = trainer.train()
+    model.eval()  # the Trainer leaves the model in training mode
     losses = [entry for entry in trainer.state.log_history if "loss" in entry]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
@@ -764,6 +782,8 @@ def child(args):
 
 
 def status(row: dict) -> str:
+    if row.get("timed_out"):
+        return f"stopped after {row['seconds'] / 60:.0f} minutes (`--timeout-minutes`)"
     if row["out_of_memory"]:
         return "**does not fit**: ended by the memory limit"
     if row["exit_code"] != 0:
@@ -885,6 +905,7 @@ def parse_args(argv=None):
         help="memory limit of each measured process (default: the machine's memory less 1.5 GiB)",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--timeout-minutes", type=float, default=40, help="end a process that runs longer")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
