@@ -801,8 +801,8 @@ PHASE_DETAILS = {
     "t2i": lambda p: f"text-to-image {SIZE}x{SIZE}, 2 steps, CFG; {p['seconds']:.0f} s, cached step "
     f"{p['step_s'][0]:.1f} s; finite: {p['finite']}",
     "edit": lambda p: f"edit {SIZE}x{SIZE}, 1 step; finite: {p['finite']}",
-    "lora": lambda p: f"LoRA SFT step (r 16, LLM + flow head): loss {p['loss']:.3f} (lm {p['lm_loss']}, flow "
-    f"{p['flow_loss']}); {p['trainable_parameters'] / 1e6:.1f}M trained",
+    "lora": lambda p: f"LoRA SFT step (r 16, LLM + flow head): loss {p['loss']:.3f} (lm {float(p['lm_loss']):.3f}, "
+    f"flow {float(p['flow_loss']):.3f}); {p['trainable_parameters'] / 1e6:.1f}M trained",
     "decode": lambda p: "decode step: " + efficiency_text(p),
     "denoise": lambda p: "cached denoising step: " + efficiency_text(p),
 }
@@ -857,15 +857,19 @@ def markdown(result: dict) -> str:
         row = rows[mode]
         weights = row.get("weight_gib")
         held = "-" if weights is None else f"{weights:.2f}"
+        if mode == "group-offload" and weights is not None:
+            # The parameters keep their tensors, but each group's weights come from the offload folder at its turn.
+            held = f"one block at a time ({weights:.2f} on disk)"
         load = row.get("load")
         if load is None:
             lines.append(f"| load | {mode}: {description} | - | {row['peak_rss_gib']:.2f} | - | "
                          f"{row['seconds']:.0f} | {status(row)} |")  # fmt: skip
             continue
-        target = target_text(load["peak_rss_gib"], 1.1 * weights + 2)
+        target = target_text(load["peak_rss_gib"], 1.1 * weights + 2) if mode != "group-offload" else "-"
         lines.append(
             f"| load | {mode}: {description} | {held} | {load['peak_rss_gib']:.2f} | {target} | "
-            f"{load['seconds']:.0f} | ok |"
+            f"{load['seconds']:.0f} | {status(row)}; the process's peaks: {row['peak_anon_gib']:.2f} anonymous, "
+            f"{row['peak_file_gib']:.2f} in mapped files |"
         )
         for name in RUNS[mode]:
             phase = row.get(name)
@@ -873,9 +877,10 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {name} | {mode} | {held} | - | - | - | {status(row)} |")
                 continue
             bound = weights + 4 if name == "lora" else 1.1 * weights + 2
+            target = target_text(phase["peak_rss_gib"], bound) if mode != "group-offload" else "-"
             lines.append(
-                f"| {name} | {mode} | {held} | {phase['peak_rss_gib']:.2f} | "
-                f"{target_text(phase['peak_rss_gib'], bound)} | {phase['seconds']:.1f} | {PHASE_DETAILS[name](phase)} |"
+                f"| {name} | {mode} | {held} | {phase['peak_rss_gib']:.2f} | {target} | {phase['seconds']:.1f} | "
+                f"{PHASE_DETAILS[name](phase)} |"
             )
     return "\n".join(lines)
 
