@@ -1,9 +1,13 @@
 """Every documented route on the shipped demo, and the checks the command makes before it loads anything."""
 
+import importlib.util
 import logging
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from training_data import write_dataset
 
 import diffusers_tuna2
 from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline
@@ -11,6 +15,14 @@ from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
 from tuna2_training.tiny import build_processor, tiny_model
 
 DEMO = diffusers_tuna2.demo_model_path()
+SFT = Path(__file__).parents[1] / "examples" / "sft.py"
+
+
+def import_sft():
+    spec = importlib.util.spec_from_file_location("tuna2_sft_example", SFT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +73,57 @@ def test_long_prompts_are_cut_to_what_the_model_takes(tokenizer, caplog):
     assert f"prompts longer than {room} tokens are truncated, to fit the model's 64 positions" in caplog.text
     inputs = processor.generation_inputs(["a red circle " * 500], 32, 32, max_length=64)
     assert inputs["input_ids"].shape[1] + inputs["span_ids"].shape[1] + inputs["suffix_ids"].shape[1] == 64
+
+
+# ---------------------------------------------------------------------------------------------------- 2. fine-tuning
+
+
+def test_readme_fine_tune_command_runs_on_the_demo(tmp_path):
+    """The README's command, as written (no --image-size), on the demo: generated images go to the checkpoint
+    processor's fixed 48x48, not to the 512 buckets the model cannot take; and no warning about an option not given."""
+    data = write_dataset(tmp_path / "data", size=64)
+    output = tmp_path / "tuna2-lora"
+    streams = [f"{task}={data[task]}" for task in ("t2i", "mmu", "edit")]
+    argv = ["--model", DEMO, "--data", *streams, "--lora-r", "16", "--output", str(output), "--max-steps", "2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import_sft().main(argv)
+    assert (output / "adapter_config.json").is_file() and (output / "pytorch_lora_weights.safetensors").is_file()
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_fine_tune_collator_takes_the_processors_fixed_size(tmp_path):
+    from tuna2_training.data import Tuna2Collator, read_jsonl
+
+    data = write_dataset(tmp_path / "data", size=64)
+    sample = read_jsonl(data["t2i"], "t2i")[0]
+    batch = Tuna2Collator(Tuna2Processor.from_pretrained(DEMO))([{"sample": sample, "images": sample.load_images()}])
+    assert tuple(batch["pixel_values"].shape[-2:]) == (48, 48)
+
+
+@pytest.mark.parametrize("model", ["./nomodel", "no/such/folder/here"])
+def test_fine_tune_missing_model_is_one_line(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        import_sft().main(["--model", model, "--data", "t2i=x.jsonl", "--output", "out"])
+    assert str(exit_info.value) == f"error: --model: no such folder: {model}"
+
+
+def test_fine_tune_keeps_an_existing_output_unless_told(tmp_path):
+    output = tmp_path / "tuna2-lora"
+    output.mkdir()
+    (output / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        import_sft().main(["--model", DEMO, "--data", "t2i=x.jsonl", "--output", str(output)])
+    assert str(exit_info.value) == f"error: --output {output} is not empty; pass --overwrite to write into it"
+    with pytest.raises(SystemExit) as exit_info:  # past the check: the data file is missing
+        import_sft().main(["--model", DEMO, "--data", "t2i=x.jsonl", "--output", str(output), "--overwrite"])
+    assert "data file not found" in str(exit_info.value)
+
+
+def test_fine_tune_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        import_sft().parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for shown in ("LoRA rank (default: 16)", "optimizer steps (default: 1000)", "(default: 2e-05)"):
+        assert shown in help_text
