@@ -1,15 +1,19 @@
 """Every documented route on the shipped demo, and the checks the command makes before it loads anything."""
 
 import importlib.util
+import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from training_data import write_dataset
 
 import diffusers_tuna2
+from diffusers_tuna2 import cli
 from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
 from tuna2_training.tiny import build_processor, tiny_model
@@ -127,3 +131,172 @@ def test_fine_tune_help_shows_the_defaults(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for shown in ("LoRA rank (default: 16)", "optimizer steps (default: 1000)", "(default: 2e-05)"):
         assert shown in help_text
+
+
+# ---------------------------------------------------------------------------------------------------- 3, 4, 6. command
+
+
+@pytest.fixture
+def scene(tmp_path):
+    path = tmp_path / "scene.png"
+    PIL.Image.new("RGB", (48, 48), (128, 128, 128)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """A check that does not need the model runs before it is loaded."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(cli, "load", fail)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuna2: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err.removeprefix("tuna2: error: ")
+
+
+def commands(scene: str, out: str) -> dict[str, list[str]]:
+    return {
+        "generate": ["generate", "a red circle", "-o", out],
+        "edit": ["edit", scene, "make it blue", "-o", out],
+        "ask": ["ask", scene, "What shape is it?"],
+        "attend": ["attend", scene, "What shape is it?", "-o", out],
+        "app": ["app"],
+    }
+
+
+@pytest.mark.parametrize("name", ["generate", "edit", "ask", "attend", "app"])
+@pytest.mark.parametrize("device", ["bogus", "cuda:abc"])
+def test_a_bad_device_is_one_line_before_loading(name, device, scene, tmp_path, capsys, nothing_loads):
+    assert cli.main(commands(scene, str(tmp_path / "out.png"))[name] + ["--device", device]) == 1
+    assert one_line_error(capsys) == f"--device {device!r} is not a device; use cpu, cuda, cuda:1, mps..."
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_loading(scene, tmp_path, capsys, nothing_loads, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--device", "cuda:1"]) == 1
+    assert one_line_error(capsys).startswith("--device cuda:1: this machine has no CUDA device")
+
+
+@pytest.mark.parametrize("port", ["99999", "-5", "0"])
+def test_app_port_out_of_range_is_one_line_before_loading(port, capsys, nothing_loads):
+    assert cli.main(["app", "--port", port]) == 1
+    assert one_line_error(capsys) == f"--port must be between 1 and 65535, got {port}"
+
+
+def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
+    class Interrupted:
+        def __call__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: Interrupted())
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png")]) == 130
+    assert capsys.readouterr().err.strip() == "tuna2: interrupted"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--steps", "-5"], "--steps must be a whole number >= 1, got -5"),
+        (["--steps", "0"], "--steps must be a whole number >= 1, got 0"),
+        (["--guidance", "nan"], "--guidance must be a finite number >= 0 (1 turns guidance off), got nan"),
+        (["--guidance", "-1"], "--guidance must be a finite number >= 0 (1 turns guidance off), got -1.0"),
+        (["--seed", "1180591620717411303424"], "--seed must be between 0 and 2**64 - 1, got 1180591620717411303424"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**64 - 1, got -1"),
+        (["--size", "40"], "--size 40x40: both sides must be positive multiples of the patch size 16"),
+        (["--size", "512"], "--size 512x512 needs 1029 positions; this model takes 512: use a smaller --size"),
+    ],
+)
+def test_sampling_options_are_checked_before_loading(options, message, tmp_path, capsys, nothing_loads):
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), *options]) == 1
+    assert one_line_error(capsys) == message
+
+
+@pytest.mark.parametrize("tokens", ["0", "-3"])
+def test_max_new_tokens_is_checked_before_loading(tokens, scene, capsys, nothing_loads):
+    assert cli.main(["ask", scene, "What shape is it?", "--max-new-tokens", tokens]) == 1
+    assert one_line_error(capsys) == f"--max-new-tokens must be a whole number >= 1, got {tokens}"
+
+
+def test_an_output_that_cannot_be_written_fails_before_generating(capsys, nothing_loads):
+    assert cli.main(["generate", "a red circle", "-o", "/proc/x.png"]) == 1
+    assert one_line_error(capsys).startswith("-o /proc/x.png: cannot write there: ")
+    assert not Path("/proc/x.png").exists()
+
+
+def test_the_output_check_leaves_no_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: (_ for _ in ()).throw(cli.CommandError("stop")))
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png")]) == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_folder_without_a_tokenizer_is_one_whole_line(tmp_path, scene, capsys, nothing_loads):
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO, folder)
+    (folder / "tokenizer.json").unlink()
+    assert cli.main(["ask", scene, "What shape is it?", "--model", str(folder)]) == 1
+    message = f"{folder} has no tokenizer: it needs tokenizer.json (or vocab.json and merges.txt)"
+    assert one_line_error(capsys) == message
+
+
+def test_a_library_error_announcing_a_list_keeps_the_list():
+    error = ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a tokenizer file\n(2) another")
+    assert cli.first_line(error) == (
+        "Couldn't instantiate the backend tokenizer from one of: (1) a tokenizer file (2) another"
+    )
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_without_the_load_report(tmp_path, capfd):
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["patch_size"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--model", str(folder)]) == 1
+    err = capfd.readouterr().err.strip()
+    assert err == (
+        f"tuna2: error: cannot load the checkpoint in {folder}: its weights do not have the shapes that its "
+        "config.json gives them (an edited config.json?)"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["generate", " ", "-o", "OUT"], "prompt"),
+        (["edit", "SCENE", "", "-o", "OUT"], "instruction"),
+        (["ask", "SCENE", ""], "question"),
+        (["attend", "SCENE", "  ", "-o", "OUT"], "question"),
+    ],
+)
+def test_empty_texts_are_refused_as_in_the_app(argv, name, scene, tmp_path, capsys, nothing_loads):
+    argv = [{"SCENE": scene, "OUT": str(tmp_path / "out.png")}.get(arg, arg) for arg in argv]
+    assert cli.main(argv) == 1
+    assert one_line_error(capsys) == f"the {name} is empty; say what you want, as in the examples of tuna2 --help"
+
+
+def test_a_size_the_demo_was_not_trained_at_is_warned_about(tmp_path, capsys):
+    out = str(tmp_path / "out.png")
+    assert cli.main(["generate", "a red circle on the right", "-o", out, "--size", "64", "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "tuna2: warning: this model was trained at 48x48 only; at --size 64x64 its images may be wrong" in err
+    assert PIL.Image.open(out).size == (64, 64)
+
+
+def test_generate_help_shows_the_demos_size(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the size the model was trained at, 48x48 for the shapes demo" in help_text
+
+
+def test_transparent_pixels_are_composited_onto_white():
+    image = PIL.Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+    image.paste((200, 0, 0, 255), (16, 16, 32, 32))
+    pixels = Tuna2Processor.from_pretrained(DEMO).image_processor(image)["pixel_values"][0]
+    assert torch.allclose(pixels[:, 0, 0], torch.ones(3))  # white, in [-1, 1]
+    assert pixels[0, 24, 24] > 0.5 and pixels[1, 24, 24] < -0.9
