@@ -7,6 +7,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -300,3 +301,64 @@ def test_transparent_pixels_are_composited_onto_white():
     pixels = Tuna2Processor.from_pretrained(DEMO).image_processor(image)["pixel_values"][0]
     assert torch.allclose(pixels[:, 0, 0], torch.ones(3))  # white, in [-1, 1]
     assert pixels[0, 24, 24] > 0.5 and pixels[1, 24, 24] < -0.9
+
+
+# ---------------------------------------------------------------------------------------------------- 8. --lora
+
+
+@pytest.fixture(scope="module")
+def demo_lora(tmp_path_factory):
+    """A tiny random LoRA on the demo's language model, saved in diffusers' format as examples/sft.py saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuna2_training.trainer import lora_target_modules
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=lora_target_modules("llm"), init_lora_weights=False)
+    peft_model = get_peft_model(Tuna2ForConditionalGeneration.from_pretrained(DEMO), config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(20)  # strong enough to change a 2-step image
+    folder = tmp_path_factory.mktemp("lora")
+    Tuna2Pipeline.save_lora_weights(folder, model_lora_layers=peft_model)
+    return folder
+
+
+def generated(tmp_path, name: str, *options) -> np.ndarray:
+    out = tmp_path / f"{name}.png"
+    assert cli.main(["generate", "a red circle on the right", "-o", str(out), "--steps", "2", *options]) == 0
+    return np.asarray(PIL.Image.open(out), dtype=np.int16)
+
+
+def test_generate_with_lora_loads_it_the_documented_way(demo_lora, tmp_path):
+    with_lora = generated(tmp_path, "lora", "--lora", str(demo_lora))
+    pipe = Tuna2Pipeline.from_pretrained(DEMO)
+    pipe.load_lora_weights(demo_lora)
+    expected = pipe("a red circle on the right", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.abs(with_lora - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    assert np.abs(with_lora - generated(tmp_path, "base")).max() > 10
+    # --lora-scale weighs the adapter: 0 gives the model without it.
+    off = generated(tmp_path, "off", "--lora", str(demo_lora), "--lora-scale", "0")
+    assert np.array_equal(off, generated(tmp_path, "base2"))
+
+
+def test_edit_takes_lora_too(demo_lora, scene, tmp_path):
+    out = tmp_path / "edited.png"
+    argv = ["edit", scene, "make it blue", "-o", str(out), "--steps", "1", "--lora", str(demo_lora)]
+    assert cli.main([*argv, "--lora-scale", "0.5"]) == 0 and out.is_file()
+
+
+def test_a_missing_lora_is_one_line_before_loading(tmp_path, capsys, nothing_loads):
+    argv = ["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--lora", "./no-lora"]
+    assert cli.main(argv) == 1
+    assert one_line_error(capsys) == "--lora ./no-lora: no such file or folder"
+
+
+def test_a_lora_that_matches_no_module_is_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"model.nowhere.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "pytorch_lora_weights.safetensors")
+    argv = ["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--lora", str(tmp_path), "--steps", "1"]
+    assert cli.main(argv) == 1
+    assert one_line_error(capsys).startswith(f"cannot load the LoRA {tmp_path}: 1 LoRA key(s) match no module")

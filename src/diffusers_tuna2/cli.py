@@ -14,6 +14,7 @@ package), draw where it looks while it reads a question, serve the same in a web
 # instant.
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,7 @@ MAX_NEW_TOKENS = 64  # the longest answer of `tuna2 ask` and of the app's Ask ta
 MIN_OVERLAY_SIDE = 256  # `tuna2 attend` enlarges smaller overlays (the demo's scenes are 48x48) by a whole factor
 MAX_ERROR_LENGTH = 300
 MAX_PORT = 65535
+LORA_ADAPTER = "lora"  # the adapter name of --lora
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
 # A tokenizer that `AutoProcessor` can build: the fast tokenizer's file, or the BPE files it is built from.
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -311,9 +313,36 @@ def load(load_from: Callable, path: Path, device: str | None = None):
 # ---------------------------------------------------------------------------------------------------- commands
 
 
+def check_lora(args):
+    """--lora and --lora-scale, before anything is loaded: PEFT is installed, and a local LoRA exists."""
+    if args.lora is None:
+        return
+    if not math.isfinite(args.lora_scale):
+        raise CommandError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    if importlib.util.find_spec("peft") is None:
+        raise CommandError('--lora needs PEFT: pip install peft (or "tuna2-hf[train]")')
+    path = Path(args.lora).expanduser()
+    if not path.exists() and not HUB_ID.fullmatch(args.lora):
+        raise CommandError(f"--lora {args.lora}: no such file or folder")
+
+
+def load_lora(pipe, args):
+    """Loads --lora into the pipeline the documented way (`load_lora_weights`: a diffusers-format file or folder, or
+    a PEFT adapter folder) and weighs it by --lora-scale."""
+    if args.lora is None:
+        return
+    try:
+        pipe.load_lora_weights(args.lora, adapter_name=LORA_ADAPTER)
+    except Exception as error:
+        raise CommandError(f"cannot load the LoRA {args.lora}: {first_line(error)}") from None
+    if args.lora_scale != 1.0:
+        pipe.set_adapters(LORA_ADAPTER, adapter_weights=args.lora_scale)
+
+
 def draw(args, editing: bool = False):
     check_text(args.instruction if editing else args.prompt, "instruction" if editing else "prompt")
     check_sampling(args)
+    check_lora(args)
     check_output(args.output)
     size = parse_size(args.size)
     image = load_image(args.image) if editing else None
@@ -326,6 +355,7 @@ def draw(args, editing: bool = False):
 
     device, dtype = settings(args)
     pipe = load(lambda path: Tuna2Pipeline.from_pretrained(path, dtype=dtype), path, device)
+    load_lora(pipe, args)
     height, width = size or (None, None)  # the pipeline's default: the processor's fixed size, else 512x512
     result = pipe(
         args.instruction if editing else args.prompt,
@@ -490,6 +520,12 @@ def add_generation_options(parser, default_guidance: float):
     demo = demo_model()
     demo_size = fixed_size(Path(demo)) if demo else None
     shown = f", {demo_size[0]}x{demo_size[1]} for the shapes demo" if demo_size else ""
+    parser.add_argument(
+        "--lora", default=None, help="LoRA to apply: a folder or file from examples/sft.py or save_lora_weights"
+    )
+    parser.add_argument(
+        "--lora-scale", type=float, default=defaults.LORA_SCALE, help="weight of the --lora adapter (0 turns it off)"
+    )
     parser.add_argument(
         "--size",
         default=None,
