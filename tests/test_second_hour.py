@@ -362,3 +362,24 @@ def test_a_lora_that_matches_no_module_is_one_line(tmp_path, capsys):
     argv = ["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--lora", str(tmp_path), "--steps", "1"]
     assert cli.main(argv) == 1
     assert one_line_error(capsys).startswith(f"cannot load the LoRA {tmp_path}: 1 LoRA key(s) match no module")
+
+
+# ---------------------------------------------------------------------------------------------------- 7. the suite
+
+
+def test_no_test_asserts_a_wall_clock():
+    """Timings belong in benchmarks/: a busy machine fails a test that asserts one."""
+    clocks = [f"time.{name}(" for name in ("perf_counter", "time", "monotonic", "process_time")]
+    timed = [
+        path.name
+        for path in sorted(Path(__file__).parent.rglob("*.py"))
+        if any(clock in path.read_text(encoding="utf-8") for clock in clocks)
+    ]
+    assert timed == []
+
+
+def test_readme_tests_section_says_what_the_suite_needs_and_takes():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    tests = " ".join(readme.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0].split())
+    assert "apt-get install chromium" in tests and "docs/app.md" in tests
+    assert "about 4-5 minutes on a 2-core CPU" in tests
