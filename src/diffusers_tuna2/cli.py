@@ -249,7 +249,6 @@ def check_checkpoint(path: Path) -> dict:
 def settings(args):
     import torch
 
-    check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = torch.device(device).type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
@@ -373,6 +372,7 @@ def draw(args, editing: bool = False):
 def load_understanding(args):
     """The model and processor of --model, for `ask` and `attend`."""
     path = model_folder(args)
+    check_device(args.device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
@@ -445,6 +445,7 @@ def app(args):
     if args.port is not None and not 1 <= args.port <= MAX_PORT:
         raise CommandError(f"--port must be between 1 and {MAX_PORT}, got {args.port}")
     path = model_folder(args)
+    check_device(args.device)
     from diffusers_tuna2 import Tuna2Pipeline
 
     device, dtype = settings(args)
