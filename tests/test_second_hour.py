@@ -4,6 +4,8 @@ import importlib.util
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -383,3 +385,22 @@ def test_readme_tests_section_says_what_the_suite_needs_and_takes():
     tests = " ".join(readme.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0].split())
     assert "apt-get install chromium" in tests and "docs/app.md" in tests
     assert "about 4-5 minutes on a 2-core CPU" in tests
+
+
+CONVERT_HELP_IMPORTS = """
+import contextlib, io, json, sys
+
+from diffusers_tuna2.cli import main
+
+for name in ("convert", "init"):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([name, "--help"])
+print(json.dumps([name for name in ("diffusers", "diffusers_tuna2.pipeline_tuna2") if name in sys.modules]))
+"""
+
+
+def test_convert_and_init_help_do_not_import_diffusers():
+    """The converters' help needs their parsers, not the pipeline (diffusers' import is seconds on a small CPU)."""
+    result = subprocess.run([sys.executable, "-c", CONVERT_HELP_IMPORTS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == []
