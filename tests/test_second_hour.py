@@ -404,3 +404,8 @@ def test_convert_and_init_help_do_not_import_diffusers():
     result = subprocess.run([sys.executable, "-c", CONVERT_HELP_IMPORTS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_lora_scale_without_lora_is_one_line(tmp_path, capsys, nothing_loads):
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--lora-scale", "0.5"]) == 1
+    assert one_line_error(capsys) == "--lora-scale weighs a LoRA: pass it with --lora PATH"

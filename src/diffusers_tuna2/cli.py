@@ -315,7 +315,11 @@ def load(load_from: Callable, path: Path, device: str | None = None):
 def check_lora(args):
     """--lora and --lora-scale, before anything is loaded: PEFT is installed, and a local LoRA exists."""
     if args.lora is None:
+        if args.lora_scale is not None:
+            raise CommandError("--lora-scale weighs a LoRA: pass it with --lora PATH")
         return
+    if args.lora_scale is None:
+        args.lora_scale = defaults.LORA_SCALE
     if not math.isfinite(args.lora_scale):
         raise CommandError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     if importlib.util.find_spec("peft") is None:
@@ -525,7 +529,10 @@ def add_generation_options(parser, default_guidance: float):
         "--lora", default=None, help="LoRA to apply: a folder or file from examples/sft.py or save_lora_weights"
     )
     parser.add_argument(
-        "--lora-scale", type=float, default=defaults.LORA_SCALE, help="weight of the --lora adapter (0 turns it off)"
+        "--lora-scale",
+        type=float,
+        default=None,
+        help=f"weight of the --lora adapter, 0 turns it off (default: {defaults.LORA_SCALE})",
     )
     parser.add_argument(
         "--size",
