@@ -366,6 +366,11 @@ def test_a_lora_that_matches_no_module_is_one_line(tmp_path, capsys):
     assert one_line_error(capsys).startswith(f"cannot load the LoRA {tmp_path}: 1 LoRA key(s) match no module")
 
 
+def test_lora_scale_without_lora_is_one_line(tmp_path, capsys, nothing_loads):
+    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--lora-scale", "0.5"]) == 1
+    assert one_line_error(capsys) == "--lora-scale weighs a LoRA: pass it with --lora PATH"
+
+
 # ---------------------------------------------------------------------------------------------------- 7. the suite
 
 
@@ -387,6 +392,9 @@ def test_readme_tests_section_says_what_the_suite_needs_and_takes():
     assert "about 4-5 minutes on a 2-core CPU" in tests
 
 
+# ---------------------------------------------------------------------------------------------------- 8. start-up
+
+
 CONVERT_HELP_IMPORTS = """
 import contextlib, io, json, sys
 
@@ -404,8 +412,3 @@ def test_convert_and_init_help_do_not_import_diffusers():
     result = subprocess.run([sys.executable, "-c", CONVERT_HELP_IMPORTS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.splitlines()[-1]) == []
-
-
-def test_lora_scale_without_lora_is_one_line(tmp_path, capsys, nothing_loads):
-    assert cli.main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--lora-scale", "0.5"]) == 1
-    assert one_line_error(capsys) == "--lora-scale weighs a LoRA: pass it with --lora PATH"
