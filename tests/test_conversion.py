@@ -495,3 +495,31 @@ def test_new_flow_head_from_qwen25_7b_is_the_official_one():
     official = Tuna2Config.tuna2_7b()
     shape = initializer.flow_head_shape(hidden_size=3584, intermediate_size=18944, num_layers=16)
     assert shape == {key: getattr(official, key) for key in shape}
+
+
+CONVERT_UNDER_ADDRESS_LIMIT = """
+import resource, sys
+import transformers_tuna2.convert_tuna2_weights_to_hf as converter
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+limit = size + int(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+converter.convert(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_size="20MB")
+"""
+
+
+def test_a_checkpoint_larger_than_the_memory_the_converter_may_map_converts(tmp_path, official_state_dict):
+    """A training checkpoint whose file is larger than the address space the converter has left (its optimizer state
+    makes it 400 MB; the 7B checkpoint is 25 GB on a 24 GB machine, which the kernel will not map copy-on-write as
+    `torch.load(mmap=True)` does): the converter reads only the model's tensors, one at a time."""
+    import subprocess
+    import sys
+
+    state_dict = official_state_dict
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(100 * 2**20)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    checkpoint = write_checkpoint(tmp_path, "step_1.pt", {"model": state_dict, "step": 1, "optimizer": optimizer})
+    assert checkpoint.stat().st_size > 400 * 2**20
+    output = tmp_path / "out"
+    command = [sys.executable, "-c", CONVERT_UNDER_ADDRESS_LIMIT, str(checkpoint), str(QWEN_TINY), str(output)]
+    done = subprocess.run(command + [str(200 * 2**20)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert weights_of(output).keys() == {converter.official_to_hf_key(key) for key in state_dict}

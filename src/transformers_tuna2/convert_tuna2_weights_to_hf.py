@@ -17,8 +17,10 @@ Output: the config (`output_layout="raster"`, the official un-patchify), the wei
 index, the tokenizer set up as officially ([PAD], <image>, <|vid_start|>, <|vid_end|> added), the processor, a
 generation config for understanding (greedy, at most 512 new tokens, stops at <|im_end|>); `tuna2 convert` adds
 `model_index.json` and `scheduler/` for `Tuna2Pipeline` (which loads the folder without them too, with its default
-scheduler). The input is memory-mapped and mapped afresh for each output shard, so that the conversion holds about
-one shard in memory, never the whole model.
+scheduler). The input is read one tensor at a time (a `.pt` file with plain reads at its records' offsets, since the
+kernel refuses to map a file larger than the machine's memory copy-on-write, as `torch.load(mmap=True)` does; a
+`.safetensors` file through its read-only memory map, opened afresh for each output shard), so that the conversion
+holds about one shard in memory, never the whole model.
 
 The learned mask token (masked image modelling, used in training only) is kept when the checkpoint has one, with
 `use_mask_token=True`: it is one hidden-size vector, and fine-tuning with the official recipe needs the trained token.
@@ -33,6 +35,7 @@ line, for `examples/sft.py --train-only-file FILE`.
 """
 
 import argparse
+import io
 import json
 import math
 import pickle
@@ -151,8 +154,114 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-def unwrap_state_dict(content, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a `torch.load` result, descending through `model`, `state_dict` and `module` entries."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor of a `torch.save` file lies: its storage record, and its view of that storage (in elements)."""
+
+    record: str
+    dtype: torch.dtype
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+# The globals a checkpoint of tensors and containers may name (what `torch.load(weights_only=True)` allows of them).
+STORAGE_DTYPES = {
+    f"{name}Storage": dtype
+    for name, dtype in {
+        "BFloat16": torch.bfloat16, "Half": torch.float16, "Float": torch.float32, "Double": torch.float64,
+        "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8, "Byte": torch.uint8,
+        "Bool": torch.bool,
+    }.items()
+}  # fmt: skip
+
+
+def rebuild_stored_tensor(storage, storage_offset, size, stride, *_) -> StoredTensor:
+    record, dtype = storage
+    return StoredTensor(record, dtype, storage_offset, tuple(size), tuple(stride))
+
+
+def rebuild_parameter(tensor, *_):
+    return tensor
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    """Reads the `data.pkl` of a `torch.save` file with every tensor as a [`StoredTensor`] (nothing of its data is
+    read), and refuses any global that a checkpoint of tensors and containers does not hold."""
+
+    GLOBALS = {
+        ("collections", "OrderedDict"): dict,
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild_stored_tensor,
+        ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
+        **{("torch", name): name for name in STORAGE_DTYPES},
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a checkpoint of tensors")
+        return self.GLOBALS[(module, name)]
+
+    def persistent_load(self, saved_id):
+        kind, storage_type, key, *_ = saved_id
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+        dtype = STORAGE_DTYPES[storage_type] if isinstance(storage_type, str) else storage_type
+        return key, dtype
+
+
+class TorchCheckpointFile:
+    """A `torch.save` file (zip format) read one tensor at a time, with plain reads at the offsets of its records.
+
+    `torch.load(mmap=True)` maps the whole file copy-on-write, which the kernel refuses for a file larger than the
+    machine's memory (the 25 GB bf16 7B checkpoint on a 24 GB machine); reading each tensor into memory of its own
+    needs only that tensor's bytes."""
+
+    def __init__(self, path: Path):
+        # torch.load reports a text file as a file that "can only be memory-mapped in the new zip format"; say it
+        # plainly.
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path} is not a checkpoint in torch.save's zip format (it may be a legacy torch.save file, which "
+                "cannot be read lazily: load it and torch.save it again)"
+            )
+        self.path = path
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise ValueError(f"{path} is not a PyTorch checkpoint: it holds no single data.pkl")
+            self.prefix = pickles[0].removesuffix("data.pkl")
+            try:
+                self.content = CheckpointUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+            except (pickle.UnpicklingError, ValueError, TypeError, KeyError) as error:
+                raise ValueError(f"{path} is not a PyTorch checkpoint of tensors and containers: {error}") from error
+            self.records = {}
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ValueError(f"{path}: record {info.filename} is compressed; torch.save never compresses")
+                self.records[info.filename] = info.header_offset
+
+    def data_offset(self, file, record: str) -> int:
+        """The offset of a record's bytes: after its local header, whose name and extra field lengths vary."""
+        header_offset = self.records[f"{self.prefix}data/{record}"]
+        file.seek(header_offset + 26)
+        name_length, extra_length = (int.from_bytes(file.read(2), "little") for _ in range(2))
+        return header_offset + 30 + name_length + extra_length
+
+    def read(self, file, stored: StoredTensor) -> torch.Tensor:
+        """The tensor, in memory of its own: the elements its view spans, read from the file."""
+        if math.prod(stored.shape) == 0:
+            return torch.empty(stored.shape, dtype=stored.dtype)
+        span = 1 + sum((size - 1) * stride for size, stride in zip(stored.shape, stored.stride))
+        values = torch.empty(span, dtype=stored.dtype)
+        file.seek(self.data_offset(file, stored.record) + stored.storage_offset * values.element_size())
+        if file.readinto(values.view(torch.uint8).numpy()) != values.numel() * values.element_size():
+            raise ValueError(f"{self.path} is truncated: record {stored.record} ends early")
+        return values.as_strided(stored.shape, stored.stride)
+
+
+def unwrap_state_dict(content, path: Path) -> dict[str, StoredTensor]:
+    """The state dict inside a checkpoint's content, descending through `model`, `state_dict` and `module` entries."""
     while isinstance(content, dict):
         wrapper = next((entry for entry in WRAPPER_ENTRIES if isinstance(content.get(entry), dict)), None)
         if wrapper is None:
@@ -162,25 +271,10 @@ def unwrap_state_dict(content, path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} holds a {type(content).__name__}, not a state dict")
     if not content:
         raise ValueError(f"{path} holds an empty state dict")
-    not_tensors = [str(key) for key, value in content.items() if not isinstance(value, torch.Tensor)]
+    not_tensors = [str(key) for key, value in content.items() if not isinstance(value, StoredTensor)]
     if not_tensors:
         raise ValueError(f"{path} is not a state dict of tensors; entries that are not tensors: {not_tensors}")
     return content
-
-
-def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a `torch.save` file, memory-mapped: tensor data is read from disk when used."""
-    # torch.load reports a text file as a file that "can only be memory-mapped in the new zip format"; say it plainly.
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path} is not a checkpoint in torch.save's zip format (it may be a legacy torch.save file, which cannot "
-            "be memory-mapped: load it and torch.save it again)"
-        )
-    try:
-        content = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
-        raise ValueError(f"{path} is not a PyTorch checkpoint of tensors and containers: {error}") from error
-    return unwrap_state_dict(content, path)
 
 
 def map_official_keys(file_keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
@@ -198,7 +292,8 @@ def map_official_keys(file_keys: Iterable[str]) -> tuple[dict[str, str], list[st
 
 
 class OfficialCheckpoint:
-    """An official Tuna-2 checkpoint file, addressed by our key names; tensors are read lazily from a memory map."""
+    """An official Tuna-2 checkpoint file, addressed by our key names; tensors are read lazily, one at a time (from a
+    read-only memory map for safetensors)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -231,11 +326,13 @@ class OfficialCheckpoint:
                     infos[key] = TensorInfo(tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype])
                 yield infos, handle.get_tensor
         else:
-            state_dict = load_torch_state_dict(self.path)
-            yield (
-                {key: TensorInfo(tuple(value.shape), value.dtype) for key, value in state_dict.items()},
-                state_dict.__getitem__,
-            )
+            checkpoint = TorchCheckpointFile(self.path)
+            state_dict = unwrap_state_dict(checkpoint.content, self.path)
+            with open(self.path, "rb") as file:
+                yield (
+                    {key: TensorInfo(stored.shape, stored.dtype) for key, stored in state_dict.items()},
+                    lambda key: checkpoint.read(file, state_dict[key]),
+                )
 
     @contextmanager
     def open(self) -> Iterator[Callable[[str], torch.Tensor]]:

@@ -680,6 +680,8 @@ class Tuna2Model(Tuna2PreTrainedModel):
         images = make_image_list(pixel_values)
         grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
         device = self.patch_embed.patch_embedding.weight.device
+        if device.type == "meta":  # offloaded by accelerate's hooks, which move each module's inputs themselves
+            device = images[0].device
         if timesteps is None:
             timesteps = torch.ones(len(images), device=device)
         timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
@@ -904,6 +906,10 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # diffusers' block-level group offloading: the children it descends into (by name, at every level) to find the
+    # decoder layers and flow-head blocks; the token embedding is its own group, since Tuna2Model calls it before
+    # the language model's forward (which onloads the language model's other top-level modules).
+    _group_offload_block_modules = ["model", "language_model", "flow_head", "embed_tokens"]
 
     def __init__(self, config: Tuna2Config):
         super().__init__(config)
