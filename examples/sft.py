@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from trl import SFTConfig
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
+from diffusers_tuna2.cli import CommandError, HelpFormatter, check_checkpoint, resolve_model
 from tuna2_training.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
 from tuna2_training.train_only import freeze_all_but, modules_to_save, read_patterns_file
 from tuna2_training.trainer import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
@@ -50,19 +52,22 @@ def key_values(pairs: list[str], option: str, convert=str) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="Tuna-2 checkpoint folder or hub id")
     parser.add_argument("--data", nargs="+", default=[], metavar="TASK=JSONL", help="t2i=, mmu=, edit=, text= streams")
     parser.add_argument("--image-root", nargs="*", default=[], metavar="TASK=DIR", help="image folder per stream")
     parser.add_argument("--hf-dataset", default=None, help="a datasets folder/hub id with messages + images columns")
-    parser.add_argument("--hf-split", default="train")
+    parser.add_argument("--hf-split", default="train", help="split of --hf-dataset")
     parser.add_argument("--weights", nargs="*", default=[], metavar="TASK=W", help="stream sampling weights")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="folder to write the adapter or checkpoint to")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output folder that is not empty")
     parser.add_argument("--no-lora", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=None, help="defaults to 2 * r")
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--lora-targets", choices=sorted(LORA_TARGETS), default="all")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA inputs")
+    parser.add_argument(
+        "--lora-targets", choices=sorted(LORA_TARGETS), default="all", help="modules that get adapters"
+    )
     parser.add_argument(
         "--train-only",
         nargs="+",
@@ -82,36 +87,43 @@ def parse_args(argv=None):
     parser.add_argument(
         "--ema-warmup", action="store_true", help="EMA decay min(ema_decay, n / (n + 9)) at step n (short runs)"
     )
-    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=1, help="per device")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
     parser.add_argument(
         "--group-by-task",
         action="store_true",
         help="one task per micro-batch (little padding), tasks taking turns by weight; with gradient accumulation, "
         "each optimizer step sums micro-batches of different tasks",
     )
-    parser.add_argument("--learning-rate", type=float, default=2e-5)
-    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=2e-5, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     parser.add_argument(
         "--lr-scheduler",
         choices=["constant_with_warmup", "cosine", "linear"],
         default="constant_with_warmup",
         help="official: constant after a linear warmup",
     )
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (official: 1.0)")
-    parser.add_argument("--image-size", type=int, default=None, help="fixed size of generated images (else buckets)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="fixed size of generated images (default: the checkpoint processor's size, else buckets)",
+    )
     parser.add_argument("--resolution", choices=["512", "1024"], default="512", help="bucket class")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="empty-prompt rate for t2i/edit (CFG)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)"
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data mixture, dropout and initialisation")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log the losses every N steps")
+    parser.add_argument("--save-steps", type=int, default=500, help="write a checkpoint-N folder every N steps")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     parser.add_argument("--skip-bad-samples", action="store_true", help="skip broken samples with a warning")
-    parser.add_argument("--report-to", default="none")
+    parser.add_argument("--report-to", default="none", help="trackers to log to (wandb, tensorboard, ...)")
     parser.add_argument("--loss-log", default=None, help="write every rank's logged losses to this json (per rank)")
     return parser.parse_args(argv)
 
@@ -138,9 +150,29 @@ def load_streams(args) -> dict:
     return streams
 
 
+def check_folders(args):
+    """Fails before anything is loaded on a --model that is no checkpoint and on an --output that already holds
+    files (which training would overwrite)."""
+    try:
+        model = resolve_model(args.model)
+        check_checkpoint(model)
+    except CommandError as error:
+        raise SystemExit(f"error: --model: {error}") from None
+    args.model = str(model)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise SystemExit(f"error: --output {args.output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: --output {args.output} is not empty; pass --overwrite to write into it")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_folders(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # PEFT reads the model's `is_gradient_checkpointing`, which transformers renamed: a warning about an option that
+    # the user may not have given.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     set_seed(args.seed)
     try:
         streams = load_streams(args)
@@ -200,9 +232,13 @@ def main(argv=None):
         save_steps=args.save_steps,
         seed=args.seed,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        # TRL defaults `gradient_checkpointing`, transformers' deprecated name, to True: set the new name alone.
+        gradient_checkpointing=None,
+        activation_checkpointing=args.gradient_checkpointing,
         # Reentrant checkpointing gives no gradient to a layer whose input does not require one (frozen layers below).
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train_only and args.gradient_checkpointing else None,
+        activation_checkpointing_kwargs=(
+            {"use_reentrant": False} if train_only and args.gradient_checkpointing else None
+        ),
         dataloader_num_workers=args.num_workers,
         # The mixture dataset shuffles by itself; read in order, its task blocks stay whole micro-batches.
         train_sampling_strategy="sequential" if args.group_by_task else "random",

@@ -241,7 +241,8 @@ def test_a_missing_or_damaged_model_is_one_line_before_serving(tmp_path, capsys)
     assert one_line_error(capsys) == f"no such folder: {tmp_path / 'missing'}"
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    (damaged / "config.json").write_text((Path(MODEL) / "config.json").read_text())
+    for name in ("config.json", "tokenizer.json"):  # no weights
+        (damaged / name).write_text((Path(MODEL) / name).read_text())
     assert main(["app", "--model", str(damaged)]) == 1
     assert one_line_error(capsys).startswith(f"cannot load the checkpoint in {damaged}: ")
 

@@ -54,7 +54,7 @@ def test_same_seed_same_image(checkpoint, tmp_path):
         (["edit", "NOTIMAGE", "x", "-o", "o.png"], "cannot read image"),
         (["generate", "x", "-o", "o.png", "--size", "30x32"], "multiples of the patch size"),
         (["generate", "x", "-o", "o.png", "--size", "big"], "--size must look like"),
-        (["generate", "x", "-o", "o.png", "--steps", "0"], "`num_inference_steps` must be an integer >= 1"),
+        (["generate", "x", "-o", "o.png", "--steps", "0"], "--steps must be a whole number >= 1"),
         (["generate", "x", "-o", "o.png", "--model", "no/such/folder"], "no such folder: no/such/folder"),
     ],
 )

@@ -1,6 +1,6 @@
 """What a newcomer meets first with the `tuna2` command and the conversion scripts: a wrong --model or -o, a damaged
-checkpoint, the help, the version and the start-up time. Every error is one line and exit code 1, never a traceback
-or a question."""
+checkpoint, the help, the version and what starting up imports. Every error is one line and exit code 1, never a
+traceback or a question."""
 
 import importlib.metadata
 import json
@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +71,7 @@ def test_missing_local_folder_fails_fast_without_the_hub(name, model, image, tmp
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
     monkeypatch.setattr("diffusers_tuna2.pipeline_tuna2.snapshot_download", no_hub)
-    start = time.perf_counter()
     assert main(command(name, image, tmp_path) + ["--model", model]) == 1
-    assert time.perf_counter() - start < 2.0
     assert one_line_error(capsys) == f"no such folder: {model}"
 
 
@@ -84,9 +81,7 @@ def test_hub_id_offline_is_a_missing_folder(name, model, image, tmp_path, capsys
     """With HF_HUB_OFFLINE=1, a bare name or org/name is looked up in the cache only, at once."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    start = time.perf_counter()
     assert main(command(name, image, tmp_path) + ["--model", model]) == 1
-    assert time.perf_counter() - start < 2.0
     err = one_line_error(capsys)
     assert err.startswith(f"no such folder: {model} ") and "HF_HUB_OFFLINE" in err and "Repo id" not in err
 
@@ -229,30 +224,27 @@ def test_default_model_is_the_shipped_demo_when_there_is_one(checkpoint, image, 
 # ---------------------------------------------------------------------------------------------------- start-up
 
 
-HELP_TIMING = """
-import json, sys, time
+HELP_IMPORTS = """
+import json, sys
 
-start = time.perf_counter()
 import diffusers_tuna2.cli as cli
 
 cli.build_parser().format_help()
-elapsed = time.perf_counter() - start
 heavy = [name for name in ("torch", "transformers", "diffusers", "PIL") if name in sys.modules]
 import diffusers_tuna2
 
 demo_module = diffusers_tuna2.demo_model_path.__module__
 torch_after_demo = "torch" in sys.modules
 pipeline = diffusers_tuna2.Tuna2Pipeline.__name__
-print(json.dumps([elapsed, heavy, demo_module, torch_after_demo, pipeline, "Tuna2Pipeline" in dir(diffusers_tuna2)]))
+print(json.dumps([heavy, demo_module, torch_after_demo, pipeline, "Tuna2Pipeline" in dir(diffusers_tuna2)]))
 """
 
 
 def test_help_imports_neither_torch_nor_the_pipeline():
-    result = subprocess.run([sys.executable, "-c", HELP_TIMING], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    elapsed, heavy, demo_module, torch_after_demo, pipeline, listed = json.loads(result.stdout.splitlines()[-1])
-    assert heavy == []
-    assert elapsed < 1.0
+    heavy, demo_module, torch_after_demo, pipeline, listed = json.loads(result.stdout.splitlines()[-1])
+    assert heavy == []  # what makes the help instant; a timing would fail on a busy machine
     # The package's names are imported on first access: the demo helper without torch, then the pipeline.
     assert demo_module == "diffusers_tuna2.demo" and not torch_after_demo
     assert pipeline == "Tuna2Pipeline" and listed

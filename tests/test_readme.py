@@ -1,10 +1,12 @@
 """The README's Python usage example, run as written on a tiny checkpoint."""
 
+import logging
 import re
 from pathlib import Path
 
 import PIL.Image
 import torch
+from transformers.utils import logging as transformers_logging
 
 from tuna2_training.tiny import build_processor, tiny_model
 
@@ -69,7 +71,17 @@ def test_readme_batch_of_two_conversations(tmp_path, tokenizer):
     build_processor(tokenizer, size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     img, img2 = PIL.Image.new("RGB", (64, 48), "orange"), PIL.Image.new("RGB", (40, 40), "navy")
     namespace = {"path": str(tmp_path), "img": img, "img2": img2}
-    exec(compile(single + batched, "README.md", "exec"), namespace)
+    logger = transformers_logging.get_logger("transformers")
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        exec(compile(single + batched, "README.md", "exec"), namespace)
+    finally:
+        logger.removeHandler(handler)
+    # The batch is written as transformers 5 wants its options: no "Kwargs passed to processor.__call__..." warning.
+    assert [record.getMessage() for record in records] == []
     model, processor = namespace["model"], namespace["processor"]
     for conversation, answer in zip(namespace["conversations"], namespace["answers"]):
         inputs = processor.apply_chat_template(

@@ -13,7 +13,10 @@ package), draw where it looks while it reads a question, serve the same in a web
 # torch, transformers, diffusers and PIL are imported inside the commands: `tuna2 --help` and argument errors stay
 # instant.
 import argparse
+import contextlib
+import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -31,6 +34,12 @@ MODEL_TYPE = "tuna2"  # Tuna2Config.model_type, without importing transformers
 COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_NEW_TOKENS = 64  # the longest answer of `tuna2 ask` and of the app's Ask tab
 MIN_OVERLAY_SIDE = 256  # `tuna2 attend` enlarges smaller overlays (the demo's scenes are 48x48) by a whole factor
+MAX_ERROR_LENGTH = 300
+MAX_PORT = 65535
+LORA_ADAPTER = "lora"  # the adapter name of --lora
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+# A tokenizer that `AutoProcessor` can build: the fast tokenizer's file, or the BPE files it is built from.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 class CommandError(Exception):
@@ -38,9 +47,15 @@ class CommandError(Exception):
 
 
 def first_line(error: Exception) -> str:
-    """The first line of an error from a library, whose messages can run over many lines."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """The first line of an error from a library, whose messages can run over many lines; a first line that ends
+    with a colon gets the lines it announces, joined."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        joined = " ".join(lines)
+        return joined if len(joined) <= MAX_ERROR_LENGTH else joined[: MAX_ERROR_LENGTH - 3] + "..."
+    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------- checking input
@@ -61,6 +76,14 @@ def check_output(path: str):
         common = ", ".join(ext for ext in COMMON_EXTENSIONS if ext in writable)
         problem = f"{output.suffix!r} is not an image extension" if output.suffix else "no image extension"
         raise CommandError(f"-o {path}: {problem}; use {common}")
+    existed = output.exists()
+    try:  # the folder may refuse files (permissions, a read-only or virtual file system): find out before the work
+        with open(output, "ab"):
+            pass
+    except OSError as error:
+        raise CommandError(f"-o {path}: cannot write there: {error.strerror or error}") from None
+    if not existed:
+        output.unlink()
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
@@ -72,6 +95,80 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
         return int(height), int(width or height)
     except ValueError:
         raise CommandError(f"--size must look like 512 or 448x576, got {size!r}") from None
+
+
+def check_text(text: str, name: str):
+    if not text.strip():
+        raise CommandError(f"the {name} is empty; say what you want, as in the examples of tuna2 --help")
+
+
+def check_device(device: str | None):
+    """--device names a device torch knows, and one this machine has, before anything is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1, mps...") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
+
+
+def check_sampling(args):
+    """--steps, --guidance and --seed, checked before anything is loaded."""
+    if args.steps < 1:
+        raise CommandError(f"--steps must be a whole number >= 1, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CommandError(f"--guidance must be a finite number >= 0 (1 turns guidance off), got {args.guidance}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed must be between 0 and 2**64 - 1, got {args.seed}")
+
+
+def fixed_size(path: Path) -> tuple[int, int] | None:
+    """The fixed `(height, width)` of the checkpoint's image processor (a model trained at one size), read from its
+    JSON; None when it resizes to buckets."""
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        file = path / name
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return None  # loading reports it
+            size = (config.get(key) or {}) if key else config
+            size = size.get("size") if isinstance(size, dict) else None
+            if isinstance(size, dict) and "height" in size and "width" in size:
+                return int(size["height"]), int(size["width"])
+            return None
+    return None
+
+
+def check_size(size: tuple[int, int] | None, config: dict, path: Path, editing: bool):
+    """--size against what the checkpoint's config.json says the model takes, before it is loaded; a size other than
+    the one a fixed-size checkpoint was trained at is allowed, with a warning."""
+    if size is None:
+        return
+    height, width = size
+    patch_size = config.get("patch_size", 16)
+    if height <= 0 or width <= 0 or height % patch_size or width % patch_size:
+        raise CommandError(
+            f"--size {height}x{width}: both sides must be positive multiples of the patch size {patch_size}"
+        )
+    slots = 1 + (height // patch_size) * (width // patch_size)
+    needed = 2 * slots + 6 if editing else slots + 4  # transformers_tuna2.processing_tuna2.generation_length
+    max_positions = (config.get("text_config") or {}).get("max_position_embeddings")
+    if max_positions is not None and needed > max_positions:
+        raise CommandError(
+            f"--size {height}x{width} needs {needed} positions; this model takes {max_positions}: use a smaller --size"
+        )
+    trained = fixed_size(path)
+    if trained is not None and trained != size:
+        print(
+            f"tuna2: warning: this model was trained at {trained[0]}x{trained[1]} only; at --size {height}x{width} "
+            "its images may be wrong",
+            file=sys.stderr,
+        )
 
 
 def load_image(path: str):
@@ -130,9 +227,10 @@ def resolve_model(model: str | None) -> Path:
         raise CommandError(f"no such folder: {model} (nor a model on the hub: {reason})") from None
 
 
-def check_checkpoint(path: Path):
-    """Reads config.json before loading anything: a missing or broken file, or another model, fails in one line (the
-    Auto classes would raise a long error or, with `auto_map`, ask whether to trust remote code)."""
+def check_checkpoint(path: Path) -> dict:
+    """Reads config.json before loading anything, and returns it: a missing or broken file, another model or a
+    missing tokenizer fails in one line (the Auto classes would raise a long error or, with `auto_map`, ask whether
+    to trust remote code)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CommandError(f"{path} is not a checkpoint folder: it has no config.json")
@@ -143,6 +241,9 @@ def check_checkpoint(path: Path):
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != MODEL_TYPE:
         raise CommandError(f"{path} holds a {model_type!r} model, not a Tuna-2 checkpoint (model_type {MODEL_TYPE!r})")
+    if not any(all((path / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        raise CommandError(f"{path} has no tokenizer: it needs tokenizer.json (or vocab.json and merges.txt)")
+    return config
 
 
 def settings(args):
@@ -161,6 +262,28 @@ def model_folder(args) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def load_report_held():
+    """Holds back transformers' load report (a table of weights) until loading succeeds: when loading fails, the
+    one-line error says it all."""
+    from transformers.utils import logging as transformers_logging
+
+    logger = transformers_logging.get_logger("transformers.modeling_utils")
+    held = []
+
+    def hold(record):
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:
+        logger.handle(record)
+
+
 def load(load_from: Callable, path: Path, device: str | None = None):
     """`load_from(path)`, moved to `device`; whatever a damaged checkpoint raises (weights, tokenizer or processor
     files) is reported in one line."""
@@ -171,9 +294,13 @@ def load(load_from: Callable, path: Path, device: str | None = None):
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
     try:
-        loaded = load_from(path)
+        with load_report_held():
+            loaded = load_from(path)
     except Exception as error:
-        raise CommandError(f"cannot load the checkpoint in {path}: {first_line(error)}") from None
+        reason = first_line(error)
+        if "ignore_mismatched_sizes" in reason:  # transformers' advice names an option of from_pretrained
+            reason = "its weights do not have the shapes that its config.json gives them (an edited config.json?)"
+        raise CommandError(f"cannot load the checkpoint in {path}: {reason}") from None
     if device is None:
         return loaded
     try:
@@ -185,17 +312,53 @@ def load(load_from: Callable, path: Path, device: str | None = None):
 # ---------------------------------------------------------------------------------------------------- commands
 
 
+def check_lora(args):
+    """--lora and --lora-scale, before anything is loaded: PEFT is installed, and a local LoRA exists."""
+    if args.lora is None:
+        if args.lora_scale is not None:
+            raise CommandError("--lora-scale weighs a LoRA: pass it with --lora PATH")
+        return
+    if args.lora_scale is None:
+        args.lora_scale = defaults.LORA_SCALE
+    if not math.isfinite(args.lora_scale):
+        raise CommandError(f"--lora-scale must be a finite number, got {args.lora_scale}")
+    if importlib.util.find_spec("peft") is None:
+        raise CommandError('--lora needs PEFT: pip install peft (or "tuna2-hf[train]")')
+    path = Path(args.lora).expanduser()
+    if not path.exists() and not HUB_ID.fullmatch(args.lora):
+        raise CommandError(f"--lora {args.lora}: no such file or folder")
+
+
+def load_lora(pipe, args):
+    """Loads --lora into the pipeline the documented way (`load_lora_weights`: a diffusers-format file or folder, or
+    a PEFT adapter folder) and weighs it by --lora-scale."""
+    if args.lora is None:
+        return
+    try:
+        pipe.load_lora_weights(args.lora, adapter_name=LORA_ADAPTER)
+    except Exception as error:
+        raise CommandError(f"cannot load the LoRA {args.lora}: {first_line(error)}") from None
+    if args.lora_scale != 1.0:
+        pipe.set_adapters(LORA_ADAPTER, adapter_weights=args.lora_scale)
+
+
 def draw(args, editing: bool = False):
+    check_text(args.instruction if editing else args.prompt, "instruction" if editing else "prompt")
+    check_sampling(args)
+    check_lora(args)
     check_output(args.output)
     size = parse_size(args.size)
     image = load_image(args.image) if editing else None
-    path = model_folder(args)
+    path = resolve_model(args.model)
+    check_size(size, check_checkpoint(path), path, editing)
+    check_device(args.device)
     import torch
 
     from diffusers_tuna2 import Tuna2Pipeline
 
     device, dtype = settings(args)
     pipe = load(lambda path: Tuna2Pipeline.from_pretrained(path, dtype=dtype), path, device)
+    load_lora(pipe, args)
     height, width = size or (None, None)  # the pipeline's default: the processor's fixed size, else 512x512
     result = pipe(
         args.instruction if editing else args.prompt,
@@ -213,6 +376,7 @@ def draw(args, editing: bool = False):
 def load_understanding(args):
     """The model and processor of --model, for `ask` and `attend`."""
     path = model_folder(args)
+    check_device(args.device)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
@@ -230,6 +394,9 @@ def load_understanding(args):
 
 
 def ask(args):
+    check_text(args.question, "question")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be a whole number >= 1, got {args.max_new_tokens}")
     image = load_image(args.image)
     model, processor, device = load_understanding(args)
     messages = [
@@ -244,6 +411,7 @@ def ask(args):
 
 def attend(args):
     """Writes the overlay of the attention map of the question over the image."""
+    check_text(args.question, "question")
     check_output(args.output)
     image = load_image(args.image)
     from transformers_tuna2.attention_maps import parse_layers
@@ -278,7 +446,10 @@ def app(args):
         if error.name != "gradio":
             raise
         raise CommandError('the app needs Gradio: pip install "tuna2-hf[app]"') from None
+    if args.port is not None and not 1 <= args.port <= MAX_PORT:
+        raise CommandError(f"--port must be between 1 and {MAX_PORT}, got {args.port}")
     path = model_folder(args)
+    check_device(args.device)
     from diffusers_tuna2 import Tuna2Pipeline
 
     device, dtype = settings(args)
@@ -351,10 +522,23 @@ def add_generation_options(parser, default_guidance: float):
         help=f"classifier-free guidance scale (default: the checkpoint's, officially {default_guidance})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    demo = demo_model()
+    demo_size = fixed_size(Path(demo)) if demo else None
+    shown = f", {demo_size[0]}x{demo_size[1]} for the shapes demo" if demo_size else ""
+    parser.add_argument(
+        "--lora", default=None, help="LoRA to apply: a folder or file from examples/sft.py or save_lora_weights"
+    )
+    parser.add_argument(
+        "--lora-scale",
+        type=float,
+        default=None,
+        help=f"weight of the --lora adapter, 0 turns it off (default: {defaults.LORA_SCALE})",
+    )
     parser.add_argument(
         "--size",
         default=None,
-        help=f"HxW, or one side for a square (default: the model's size, else {defaults.IMAGE_SIZE})",
+        help=f"HxW, or one side for a square (default: the size the model was trained at{shown}; for a model "
+        f"trained on buckets, {defaults.IMAGE_SIZE})",
     )
     add_model_options(parser)
 
@@ -436,6 +620,9 @@ def main(argv=None) -> int:
     except (CommandError, ValueError, OSError) as error:
         print(f"tuna2: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("tuna2: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
 
 

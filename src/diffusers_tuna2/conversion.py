@@ -12,12 +12,12 @@ from transformers_tuna2 import Tuna2Config, Tuna2ForConditionalGeneration, Tuna2
 from transformers_tuna2 import convert_tuna2_weights_to_hf as weights_converter
 from transformers_tuna2 import init_tuna2_from_qwen2 as initializer
 
-from .pipeline_tuna2 import Tuna2Pipeline
-
 
 def save_pipeline_files(folder: str | os.PathLike):
     """Writes `scheduler/` and `model_index.json` (the default scheduler and sampling settings) into a Tuna-2
     checkpoint folder written by transformers. The weights are not loaded: the model is built on the meta device."""
+    from .pipeline_tuna2 import Tuna2Pipeline  # diffusers, imported once there is a folder: --help stays quicker
+
     folder = Path(folder)
     with torch.device("meta"):
         model = Tuna2ForConditionalGeneration(Tuna2Config.from_pretrained(folder))

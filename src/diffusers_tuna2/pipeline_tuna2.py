@@ -63,6 +63,13 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
     "edit, unintended color shift, blurry, watermark, jpeg artifacts, text artifacts, low quality, worst quality, "
     "bad composition"
 )
+# The pipeline's sampling settings saved in `model_index.json`, with their official values.
+OFFICIAL_SAMPLING = {
+    "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+    "edit_negative_prompt": DEFAULT_EDIT_NEGATIVE_PROMPT,
+    "guidance_scale": defaults.GUIDANCE_SCALE,
+    "edit_guidance_scale": defaults.EDIT_GUIDANCE_SCALE,
+}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # What `from_pretrained` hands to the hub download, and to the model's own loading.
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
@@ -229,11 +236,13 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         scheduler ([`SchedulerMixin`], *optional*): a flow-matching scheduler working in sigma = 1 - t;
             [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler.
         negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
-            negative prompts for text-to-image and editing (saved in `model_index.json`); the official ones by
-            default. A model trained with caption dropout uses `""`.
-        guidance_scale (`float`, defaults to 3.0), edit_guidance_scale (`float`, defaults to 2.0): the checkpoint's
-            default CFG scales for text-to-image and editing (saved in `model_index.json`; official values by
-            default).
+            negative prompts for text-to-image and editing (saved in `model_index.json`). A model trained with
+            caption dropout uses `""`.
+        guidance_scale (`float`, *optional*), edit_guidance_scale (`float`, *optional*): the checkpoint's default
+            CFG scales for text-to-image and editing (saved in `model_index.json`).
+
+        Any of these not given is the one saved in the `model_index.json` of the folder the model (or the processor)
+        was loaded from, else the official value (the official negative prompts, 3.0 and 2.0).
     """
 
     model_cpu_offload_seq = "model"
@@ -251,21 +260,27 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         model: Tuna2ForConditionalGeneration,
         processor: Tuna2Processor,
         scheduler: SchedulerMixin | None = None,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        edit_negative_prompt: str = DEFAULT_EDIT_NEGATIVE_PROMPT,
-        guidance_scale: float = defaults.GUIDANCE_SCALE,
-        edit_guidance_scale: float = defaults.EDIT_GUIDANCE_SCALE,
+        negative_prompt: str | None = None,
+        edit_negative_prompt: str | None = None,
+        guidance_scale: float | None = None,
+        edit_guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(
             model=model, processor=processor, scheduler=scheduler or FlowMatchEulerDiscreteScheduler()
         )
-        self.register_to_config(
-            negative_prompt=negative_prompt,
-            edit_negative_prompt=edit_negative_prompt,
-            guidance_scale=guidance_scale,
-            edit_guidance_scale=edit_guidance_scale,
-        )
+        given = {
+            "negative_prompt": negative_prompt,
+            "edit_negative_prompt": edit_negative_prompt,
+            "guidance_scale": guidance_scale,
+            "edit_guidance_scale": edit_guidance_scale,
+        }
+        # Not given: the sampling defaults saved with the checkpoint the model (or processor) was loaded from, else
+        # the official ones.
+        saved = self.sampling_defaults_of(model, processor)
+        for key, value in given.items():
+            given[key] = value if value is not None else saved.get(key, OFFICIAL_SAMPLING[key])
+        self.register_to_config(**given)
 
     # ------------------------------------------------------------------------------------------------ saving/loading
 
@@ -322,8 +337,19 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         """The default negative prompts and guidance scales a checkpoint folder's `model_index.json` sets, if any."""
         index_file = Path(path) / MODEL_INDEX
         index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        keys = ("negative_prompt", "edit_negative_prompt", "guidance_scale", "edit_guidance_scale")
-        return {key: index[key] for key in keys if key in index}
+        return {key: index[key] for key in OFFICIAL_SAMPLING if key in index}
+
+    @classmethod
+    def sampling_defaults_of(cls, model, processor) -> dict:
+        """The sampling defaults saved in the local folder the model was loaded from, else in the processor's (its
+        tokenizer's `name_or_path`); empty when neither folder has a `model_index.json`."""
+        tokenizer = getattr(processor, "tokenizer", None)
+        for source in (getattr(model, "name_or_path", None), getattr(tokenizer, "name_or_path", None)):
+            if source and Path(source).is_dir():
+                saved = cls.sampling_defaults(source)
+                if saved:
+                    return saved
+        return {}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
@@ -625,7 +651,8 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         device = device if device is not None else self._execution_device
         texts = prompts + (negative_prompts or [])
         sources = (images * (2 if negative_prompts else 1)) if images is not None else None
-        inputs = self.processor.generation_inputs(texts, height, width, source_images=sources)
+        max_length = self.model.config.text_config.max_position_embeddings
+        inputs = self.processor.generation_inputs(texts, height, width, source_images=sources, max_length=max_length)
         conditions = inputs["pixel_values"].to(device) if sources is not None else None
         prefix_ids, prefix_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
         span_ids = inputs["span_ids"].to(device)

@@ -45,10 +45,15 @@ def nearest_bucket(height: int, width: int, resolution: str = "512") -> tuple[in
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode to 8-bit RGB; 16-bit greyscale is rescaled instead of clipped."""
+    """Any PIL mode to 8-bit RGB; 16-bit greyscale is rescaled instead of clipped, and transparency is composited
+    onto white (dropping the alpha channel would turn transparent pixels black, or whatever colour they hold)."""
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
         image = PIL.Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

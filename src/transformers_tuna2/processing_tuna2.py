@@ -123,6 +123,7 @@ class Tuna2Processor(ProcessorMixin):
         width: int,
         source_images: list | None = None,
         return_tensors: str = "pt",
+        max_length: int | None = None,
     ) -> BatchFeature:
         """
         The official generation layout (no chat template), one image to generate per prompt, split where the
@@ -132,7 +133,8 @@ class Tuna2Processor(ProcessorMixin):
         - editing: `<|im_start|><|vision_start|>` source span `<|vision_end|> instruction <|vision_start|>` + span +
           `<|vision_end|><|im_end|>`, the source resized to cover `height x width` and center-cropped.
 
-        Prompts are tokenized without special tokens and cut to the official budget ([`official_text_budget`]).
+        Prompts are tokenized without special tokens and cut to the official budget ([`official_text_budget`]), or
+        to what fits in `max_length` positions (the model's `max_position_embeddings`) when that is less.
 
         Returns:
             [`BatchFeature`] with `input_ids` and `attention_mask` of the left-padded prefixes, `span_ids`
@@ -141,10 +143,26 @@ class Tuna2Processor(ProcessorMixin):
             the generated image) and, for editing, the sources' `pixel_values`.
         """
         num_slots = self.num_span_slots(height, width)
-        budget = official_text_budget(num_slots, editing=source_images is not None)
+        editing = source_images is not None
+        budget = official_text_budget(num_slots, editing)
+        reason = "as the official pipeline does"
+        if max_length is not None:
+            room = max_length - generation_length(num_slots, editing)
+            if room < 0:
+                raise ValueError(
+                    f"a {height}x{width} image needs {generation_length(num_slots, editing)} positions, past the "
+                    f"{max_length} the model takes"
+                )
+            if budget is None or room < budget:
+                budget = room
+                reason = f"to fit the model's {max_length} positions with the {height}x{width} image"
         text_ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         if budget is not None and any(len(ids) > budget for ids in text_ids):
-            logger.warning(f"prompts longer than {budget} tokens are truncated, as the official pipeline does")
+            longest = max(range(len(text_ids)), key=lambda i: len(text_ids[i]))
+            logger.warning(
+                f"prompts longer than {budget} tokens are truncated, {reason} (the longest, {prompts[longest][:40]!r}"
+                f"..., has {len(text_ids[longest])})"
+            )
             text_ids = [ids[:budget] for ids in text_ids]
         start, end = self.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
         boi, eoi = self.vision_start_token_id, self.vision_end_token_id

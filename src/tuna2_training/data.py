@@ -282,12 +282,14 @@ class Tuna2Collator:
     Sequence layouts come from the processor: generation samples use the official generation layout (the image span
     holds a time slot and all N patches, labels all ignored), understanding and text-only samples use the chat
     template with labels on assistant turns only (text-only samples get no image span). Image roles tell the model
-    which images to noise and supervise. Target images go to their resolution bucket (or `image_size`), resized to
-    cover it and center-cropped (never padded); edit sources are brought to their target's size.
+    which images to noise and supervise. Target images go to `image_size`, else to the processor's fixed size if it
+    has one, else to their resolution bucket, resized to cover it and center-cropped (never padded); edit sources are
+    brought to their target's size.
 
     Args:
         processor ([`Tuna2Processor`]): tokenizer + image processor.
-        image_size (`int` or `(height, width)`, *optional*): a fixed size for generated images instead of buckets.
+        image_size (`int` or `(height, width)`, *optional*): a fixed size for generated images; defaults to the
+            processor's fixed size, else buckets.
         resolution (`str`, defaults to `"512"`): bucket class for generated images.
         caption_dropout (`float`, defaults to 0.0): probability of replacing a caption or edit instruction with the
             empty prompt, so that the model learns the unconditional branch of classifier-free guidance (the official
@@ -310,9 +312,11 @@ class Tuna2Collator:
         self.rng = random.Random(seed)
 
     def target_size(self, image: PIL.Image.Image) -> tuple[int, int]:
+        """`image_size`, else the processor's fixed size (a checkpoint trained at one size), else the bucket."""
         if self.image_size is not None:
             return tuple(self.image_size)
-        return self.processor.image_processor.target_size(image.height, image.width, self.resolution, None)
+        image_processor = self.processor.image_processor
+        return image_processor.target_size(image.height, image.width, self.resolution, image_processor.size)
 
     def encode_generation(self, sample: Tuna2Sample, images: list[PIL.Image.Image]) -> dict:
         target = images[-1]
