@@ -23,8 +23,10 @@ its peak memory measured.
 Every measured process runs under a memory limit (a memory cgroup where this machine allows one, else
 `RLIMIT_AS`), with the highest OOM score, so that running out of memory ends that process, which is then recorded as
 not fitting. Peak RSS is `ru_maxrss` from `wait4` (memory-mapped file pages count in it); inside a process each
-phase's peak is `VmHWM` after resetting it (`/proc/self/clear_refs`), and the process's peak the largest of both. The files made are removed at the end unless
-`--keep`.
+phase's peak is `VmHWM` after resetting it (`/proc/self/clear_refs`), and the process's peak the largest of both.
+The process's largest anonymous and mapped-file RSS are sampled apart. The files made are removed at the end unless
+`--keep`; each process's figures are kept in `rows.json` in the work folder, so that `--steps` / `--modes` redo only
+those named and the table holds them all.
 """
 
 import argparse
@@ -102,11 +104,11 @@ NEW_TOKENS = 8
 MODES = {
     "bf16": "`from_pretrained(path, dtype=torch.bfloat16)`",
     "understanding": "`load_flow_head=False`, bf16",
-    "llm-int8": "`quantization_config=quantization_config(llm=\"int8\")`: language model int8, rest bf16",
-    "int8": "`quantization_config=quantization_config(llm=\"int8\", flow_head=\"int8\")`: both int8, rest bf16",
+    "llm-int8": '`quantization_config=quantization_config(llm="int8")`: language model int8, rest bf16',
+    "int8": '`quantization_config=quantization_config(llm="int8", flow_head="int8")`: both int8, rest bf16',
     "nf4": "`quantization_config=nf4_quantization_config()`: both bitsandbytes NF4, rest bf16",
     "group-offload": "bf16, diffusers `apply_group_offloading(model, block_level, offload_to_disk_path=...)`",
-    "device-map": "bf16, `device_map=\"auto\", max_memory={\"cpu\": ...}, offload_folder=...`",
+    "device-map": 'bf16, `device_map="auto", max_memory={"cpu": ...}, offload_folder=...`',
 }
 # The phases each mode runs, in order; `lora` is the LoRA SFT step, `decode`/`denoise` the efficiency rows.
 # (`denoise` is text-to-image with 3 steps, the third recorded.) Offloading modes read their offloaded weights from
@@ -180,9 +182,10 @@ class MemoryLimit:
         if self.group is None:
             return False
         if self.kind == "v1":
-            return int((self.group / "memory.failcnt").read_text()) > 0 and "oom_kill 0" not in (
-                self.group / "memory.oom_control"
-            ).read_text()
+            return (
+                int((self.group / "memory.failcnt").read_text()) > 0
+                and "oom_kill 0" not in (self.group / "memory.oom_control").read_text()
+            )
         events = dict(line.split() for line in (self.group / "memory.events").read_text().splitlines())
         return int(events.get("oom_kill", 0)) > 0
 
@@ -280,7 +283,9 @@ def run_all(args) -> dict:
             row.update(json.loads(result.read_text()))
         # Resetting VmHWM for a phase's peak resets what ru_maxrss reports at exit too: the process's peak is the
         # largest of its phases'.
-        phases = [value["peak_rss_gib"] for value in row.values() if isinstance(value, dict) and "peak_rss_gib" in value]
+        phases = [
+            value["peak_rss_gib"] for value in row.values() if isinstance(value, dict) and "peak_rss_gib" in value
+        ]
         row["peak_rss_gib"] = max([row["peak_rss_gib"], *phases])
         rows[name] = row
         saved.write_text(json.dumps(rows, indent=2))  # runs can be resumed: --steps/--modes redo only those named
@@ -499,7 +504,9 @@ def test_image():
 
 
 def understanding_inputs(model, processor):
-    messages = [{"role": "user", "content": [{"type": "image", "image": test_image()}, {"type": "text", "text": QUESTION}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": test_image()}, {"type": "text", "text": QUESTION}]}
+    ]
     return processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     ).to(model.device)
@@ -796,13 +803,18 @@ def target_text(peak: float, target: float) -> str:
 
 
 PHASE_DETAILS = {
-    "generate": lambda p: f"`generate()`: {p['new_tokens']} new tokens after {p['prompt_tokens']} (the image at its "
-    "512x512 bucket)",
-    "t2i": lambda p: f"text-to-image {SIZE}x{SIZE}, 2 steps, CFG; {p['seconds']:.0f} s, cached step "
-    f"{p['step_s'][0]:.1f} s; finite: {p['finite']}",
+    "generate": lambda p: (
+        f"`generate()`: {p['new_tokens']} new tokens after {p['prompt_tokens']} (the image at its 512x512 bucket)"
+    ),
+    "t2i": lambda p: (
+        f"text-to-image {SIZE}x{SIZE}, 2 steps, CFG; {p['seconds']:.0f} s, cached step "
+        f"{p['step_s'][0]:.1f} s; finite: {p['finite']}"
+    ),
     "edit": lambda p: f"edit {SIZE}x{SIZE}, 1 step; finite: {p['finite']}",
-    "lora": lambda p: f"LoRA SFT step (r 16, LLM + flow head): loss {p['loss']:.3f} (lm {float(p['lm_loss']):.3f}, "
-    f"flow {float(p['flow_loss']):.3f}); {p['trainable_parameters'] / 1e6:.1f}M trained",
+    "lora": lambda p: (
+        f"LoRA SFT step (r 16, LLM + flow head): loss {p['loss']:.3f} (lm {float(p['lm_loss']):.3f}, "
+        f"flow {float(p['flow_loss']):.3f}); {p['trainable_parameters'] / 1e6:.1f}M trained"
+    ),
     "decode": lambda p: "decode step: " + efficiency_text(p),
     "denoise": lambda p: "cached denoising step: " + efficiency_text(p),
 }
@@ -897,7 +909,9 @@ def write_docs(table: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, required=True, help="folder for the checkpoints (60 GB at 7B)")
     parser.add_argument("--small", action="store_true", help="tiny shapes, the same code (seconds, for CI)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and offload folders")
@@ -931,7 +945,7 @@ def main(argv=None):
         "meta": {
             "command": "python benchmarks/shapes_7b.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": str(date.today()),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {available_memory() / GiB:.1f} GiB RAM, no swap",
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {available_memory() / GiB:.1f} GiB RAM",
             "versions": ", ".join(
                 f"{name} {version(name)}" for name in ("torch", "transformers", "diffusers", "torchao", "peft", "trl")
             ),

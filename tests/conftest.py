@@ -14,6 +14,7 @@ from tuna2_training.tiny import build_processor, build_tokenizer, tiny_config, t
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
 SHAPES_EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes"
+SFT_EXAMPLE = Path(__file__).parents[1] / "examples" / "sft.py"
 
 
 def import_shapes_example(name: str):
@@ -23,6 +24,14 @@ def import_shapes_example(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(SHAPES_EXAMPLE))
+
+
+def import_sft():
+    """examples/sft.py (a script, not a package), imported as a module."""
+    spec = importlib.util.spec_from_file_location("tuna2_sft_example", SFT_EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

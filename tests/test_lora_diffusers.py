@@ -1,13 +1,13 @@
 """LoRAs in diffusers' format: `examples/sft.py` writes `pytorch_lora_weights.safetensors` beside the PEFT adapter, and
 `Tuna2Pipeline` loads, stacks (`set_adapters`), fuses and unloads them as diffusers pipelines do."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_sft
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
@@ -18,17 +18,9 @@ from diffusers_tuna2 import Tuna2Pipeline
 from tuna2_training.tiny import build_processor, tiny_model
 from tuna2_training.trainer import lora_target_modules
 
-SFT = Path(__file__).parents[1] / "examples" / "sft.py"
 GENERATE = dict(
     prompt="a red circle", height=32, width=32, num_inference_steps=2, output_type="latent", negative_prompt="blurry"
 )
-
-
-def import_sft():
-    spec = importlib.util.spec_from_file_location("tuna2_sft_example", SFT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Every documented route on the shipped demo, and the checks the command makes before it loads anything."""
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -13,23 +12,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import import_sft
 from training_data import write_dataset
 
 import diffusers_tuna2
-from diffusers_tuna2 import cli
-from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline
+from diffusers_tuna2 import DEFAULT_NEGATIVE_PROMPT, Tuna2Pipeline, cli
 from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2Processor
 from tuna2_training.tiny import build_processor, tiny_model
 
 DEMO = diffusers_tuna2.demo_model_path()
-SFT = Path(__file__).parents[1] / "examples" / "sft.py"
-
-
-def import_sft():
-    spec = importlib.util.spec_from_file_location("tuna2_sft_example", SFT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

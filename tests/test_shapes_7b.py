@@ -56,6 +56,7 @@ def test_a_process_over_the_memory_limit_is_recorded_and_the_caller_goes_on(tmp_
 def test_small_mode_runs_every_step(tmp_path):
     """Build, convert, and the loading modes with every phase, at tiny shapes: each ends without error and measures
     what the table reports."""
+    pytest.importorskip("torchao", minversion="0.15", reason="the int8 mode needs the `quant` extra (torchao)")
     workdir, result = tmp_path / "work", tmp_path / "result.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "shapes_7b.py"), "--small", "--keep", "--threads", "2"]
     command += ["--workdir", str(workdir), "--json", str(result), "--modes", "understanding", "int8"]

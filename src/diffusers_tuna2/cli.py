@@ -526,7 +526,9 @@ def add_generation_options(parser, default_guidance: float):
     demo_size = fixed_size(Path(demo)) if demo else None
     shown = f", {demo_size[0]}x{demo_size[1]} for the shapes demo" if demo_size else ""
     parser.add_argument(
-        "--lora", default=None, help="LoRA to apply: a folder or file from examples/sft.py or save_lora_weights"
+        "--lora",
+        default=None,
+        help="LoRA to apply: a folder or file from examples/sft.py or save_lora_weights (default: none)",
     )
     parser.add_argument(
         "--lora-scale",
