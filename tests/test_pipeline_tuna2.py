@@ -257,6 +257,20 @@ def test_hub_id_is_downloaded_first(tmp_path, pipe, monkeypatch):
     assert torch.equal(loaded.model.lm_head.weight, pipe.model.lm_head.weight)
 
 
+def test_sampling_from_a_model_left_in_training_with_checkpointing_is_one_clear_error(tokenizer):
+    """What `Trainer.train()` leaves: training mode and gradient checkpointing, under which the model runs without
+    its KV cache, so that the cached denoising steps would not see their prefix."""
+    model = tiny_model(tokenizer).train()
+    model.gradient_checkpointing_enable()
+    pipe = Tuna2Pipeline(model=model, processor=build_processor(tokenizer))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="training mode with gradient checkpointing.*pipe.model.eval"):
+        pipe("a red circle", height=32, width=32, num_inference_steps=1, output_type="latent")
+    latents = pipe("a red circle", height=32, width=32, num_inference_steps=1, output_type="latent",
+                   use_prefix_cache=False).images  # fmt: skip
+    assert torch.isfinite(latents).all()
+
+
 def test_sampling_from_a_model_in_training_mode_warns(tokenizer, caplog):
     pipe = Tuna2Pipeline(model=tiny_model(tokenizer).train(), processor=build_processor(tokenizer))
     pipe.set_progress_bar_config(disable=True)

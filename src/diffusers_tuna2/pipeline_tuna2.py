@@ -548,6 +548,12 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         fixed = self.processor.image_processor.size or {"height": defaults.IMAGE_SIZE, "width": defaults.IMAGE_SIZE}
         return (height if height is not None else fixed["height"], width if width is not None else fixed["width"])
 
+    def model_is_checkpointing(self) -> bool:
+        """Whether the model recomputes activations in backward (transformers >= 5.23 names it activation
+        checkpointing)."""
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)
+        return bool(self.model.is_gradient_checkpointing if checkpointing is None else checkpointing)
+
     @property
     def guidance_scale(self):
         return self._guidance_scale
@@ -775,6 +781,11 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
         """
+        if self.model.training and use_prefix_cache and self.model_is_checkpointing():
+            raise ValueError(
+                "the model is in training mode with gradient checkpointing, which turns its KV cache off (as "
+                "Trainer.train() leaves it): call pipe.model.eval() before sampling"
+            )
         if self.model.training:
             logger.warning(
                 "the model is in training mode: masked image modelling and dropout change its predictions; call "
