@@ -150,8 +150,8 @@ def test_the_pipeline_calls_only_forward_and_offloads_through_the_hooks(processo
     assert outside_calls == []
     assert len(calls) == 1 + 3  # the prefix, then one call per step
     assert moves[: len(calls)] == [torch.device("cpu:0")] * len(calls)
-    # After the last step, diffusers' `maybe_free_model_hooks` re-arms the offload (recent diffusers), moving the model to
-    # the offload device.
+    # After the last step, diffusers' `maybe_free_model_hooks` re-arms the offload (recent diffusers), moving the
+    # model to the offload device.
     assert all(device == torch.device("cpu") for device in moves[len(calls) :])
     assert torch.equal(offloaded, expected)
 
