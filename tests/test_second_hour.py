@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -380,7 +381,7 @@ def test_readme_tests_section_says_what_the_suite_needs_and_takes():
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     tests = " ".join(readme.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0].split())
     assert "apt-get install chromium" in tests and "docs/app.md" in tests
-    assert "about 4-5 minutes on a 2-core CPU" in tests
+    assert re.search(r"takes about \d+ minutes on a 2-core CPU", tests)
 
 
 # ---------------------------------------------------------------------------------------------------- 8. start-up
