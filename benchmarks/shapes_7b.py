@@ -454,7 +454,7 @@ def resident_weight_bytes(model) -> int:
     return total
 
 
-def load(mode: str, folder: Path, workdir: Path, small: bool):
+def load(mode: str, folder: Path, workdir: Path):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -741,14 +741,14 @@ def phase_lora(model, processor, workdir: Path) -> dict:
     }
 
 
-def run_mode(mode: str, workdir: Path, small: bool) -> dict:
+def run_mode(mode: str, workdir: Path) -> dict:
     import torch
 
     folder = workdir / "converted"
     result = {"mode": mode}
     phase_peak_reset()
     start = time.perf_counter()
-    model, processor = load(mode, folder, workdir, small)
+    model, processor = load(mode, folder, workdir)
     result["load"] = {"seconds": time.perf_counter() - start, "peak_rss_gib": phase_peak_gib()}
     result["weight_gib"] = resident_weight_bytes(model) / GiB
     phases = {
@@ -779,7 +779,7 @@ def child(args):
     if args.child == "build":
         row = build(args.workdir, args.small)
     else:
-        row = run_mode(args.child, args.workdir, args.small)
+        row = run_mode(args.child, args.workdir)
     args.result.write_text(json.dumps(row))
 
 
