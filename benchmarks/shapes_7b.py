@@ -741,7 +741,9 @@ def phase_lora(model, processor, workdir: Path) -> dict:
     }
 
 
-def run_mode(mode: str, workdir: Path) -> dict:
+def run_mode(mode: str, workdir: Path, result_file: Path):
+    """Loads the converted model in `mode` and runs its phases, writing what is measured to `result_file` after the
+    load and after every phase: a process ended by the memory limit leaves what it finished."""
     import torch
 
     folder = workdir / "converted"
@@ -751,6 +753,7 @@ def run_mode(mode: str, workdir: Path) -> dict:
     model, processor = load(mode, folder, workdir)
     result["load"] = {"seconds": time.perf_counter() - start, "peak_rss_gib": phase_peak_gib()}
     result["weight_gib"] = resident_weight_bytes(model) / GiB
+    result_file.write_text(json.dumps(result))
     phases = {
         "generate": lambda: phase_generate(model, processor),
         "decode": lambda: phase_decode(model, processor),
@@ -767,9 +770,7 @@ def run_mode(mode: str, workdir: Path) -> dict:
         row.setdefault("seconds", time.perf_counter() - start)
         row["peak_rss_gib"] = phase_peak_gib()
         result[name] = row
-        # Written after every phase: a process ended by the memory limit leaves the phases it finished.
-        (workdir / f"{mode}.json").write_text(json.dumps(result))
-    return result
+        result_file.write_text(json.dumps(result))
 
 
 def child(args):
@@ -777,10 +778,9 @@ def child(args):
 
     torch.set_num_threads(args.threads)
     if args.child == "build":
-        row = build(args.workdir, args.small)
+        args.result.write_text(json.dumps(build(args.workdir, args.small)))
     else:
-        row = run_mode(args.child, args.workdir)
-    args.result.write_text(json.dumps(row))
+        run_mode(args.child, args.workdir, args.result)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -939,8 +939,6 @@ def main(argv=None):
         child(args)
         return 0
     rows = run_all(args)
-    limit = MemoryLimit(int(args.memory_limit_gib * GiB), "tuna2-probe")
-    limit.close()
     result = {
         "meta": {
             "command": "python benchmarks/shapes_7b.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -951,7 +949,7 @@ def main(argv=None):
             ),
             "threads": args.threads,
             "limit_gib": args.memory_limit_gib,
-            "limit_mechanism": limit.mechanism,
+            "limit_mechanism": next((row["limit_mechanism"] for row in rows.values()), "-"),
             "small": args.small,
         },
         "rows": rows,

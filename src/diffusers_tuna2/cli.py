@@ -155,8 +155,9 @@ def check_size(size: tuple[int, int] | None, config: dict, path: Path, editing: 
         raise CommandError(
             f"--size {height}x{width}: both sides must be positive multiples of the patch size {patch_size}"
         )
-    slots = 1 + (height // patch_size) * (width // patch_size)
-    needed = 2 * slots + 6 if editing else slots + 4  # transformers_tuna2.processing_tuna2.generation_length
+    from transformers_tuna2.processing_tuna2 import generation_length, span_slots
+
+    needed = generation_length(span_slots(height, width, patch_size), editing)
     max_positions = (config.get("text_config") or {}).get("max_position_embeddings")
     if max_positions is not None and needed > max_positions:
         raise CommandError(

@@ -277,10 +277,10 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         }
         # Not given: the sampling defaults saved with the checkpoint the model (or processor) was loaded from, else
         # the official ones.
-        saved = self.sampling_defaults_of(model, processor)
-        for key, value in given.items():
-            given[key] = value if value is not None else saved.get(key, OFFICIAL_SAMPLING[key])
-        self.register_to_config(**given)
+        saved = self.sampling_defaults_of(model, processor) if None in given.values() else {}
+        self.register_to_config(
+            **{key: saved.get(key, OFFICIAL_SAMPLING[key]) if value is None else value for key, value in given.items()}
+        )
 
     # ------------------------------------------------------------------------------------------------ saving/loading
 

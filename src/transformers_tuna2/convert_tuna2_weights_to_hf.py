@@ -46,6 +46,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from statistics import median
 
@@ -326,13 +327,18 @@ class OfficialCheckpoint:
                     infos[key] = TensorInfo(tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype])
                 yield infos, handle.get_tensor
         else:
-            checkpoint = TorchCheckpointFile(self.path)
-            state_dict = unwrap_state_dict(checkpoint.content, self.path)
+            checkpoint, state_dict = self.torch_file
             with open(self.path, "rb") as file:
                 yield (
                     {key: TensorInfo(stored.shape, stored.dtype) for key, stored in state_dict.items()},
                     lambda key: checkpoint.read(file, state_dict[key]),
                 )
+
+    @cached_property
+    def torch_file(self) -> tuple[TorchCheckpointFile, dict[str, StoredTensor]]:
+        """A `torch.save` file and its state dict, parsed once (the tensors are read at each `open`)."""
+        checkpoint = TorchCheckpointFile(self.path)
+        return checkpoint, unwrap_state_dict(checkpoint.content, self.path)
 
     @contextmanager
     def open(self) -> Iterator[Callable[[str], torch.Tensor]]:

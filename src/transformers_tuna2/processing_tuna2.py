@@ -37,6 +37,11 @@ CHAT_TEMPLATE = (
 )
 
 
+def span_slots(height: int, width: int, patch_size: int) -> int:
+    """Slots of an image span: one time slot plus one per patch."""
+    return 1 + (height // patch_size) * (width // patch_size)
+
+
 def generation_length(num_span_slots: int, editing: bool, prompt_length: int = 0) -> int:
     """Positions of a generation sequence ([`Tuna2Processor.generation_inputs`]) around a prompt of
     `prompt_length` tokens: the generated span and 4 special tokens; editing adds the source's span and 2 more."""
@@ -93,9 +98,8 @@ class Tuna2Processor(ProcessorMixin):
         self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
 
     def num_span_slots(self, height: int, width: int) -> int:
-        """Slots of an image span: one time slot plus one per patch."""
-        patch_size = self.image_processor.patch_size
-        return 1 + (height // patch_size) * (width // patch_size)
+        """Slots of an image span: one time slot plus one per patch ([`span_slots`])."""
+        return span_slots(height, width, self.image_processor.patch_size)
 
     def expand_image_tokens(self, texts: list[str], pixel_values) -> list[str]:
         """Replaces the i-th `<|image_pad|>` of the batch with the span of the i-th image."""
@@ -147,11 +151,11 @@ class Tuna2Processor(ProcessorMixin):
         budget = official_text_budget(num_slots, editing)
         reason = "as the official pipeline does"
         if max_length is not None:
-            room = max_length - generation_length(num_slots, editing)
+            needed = generation_length(num_slots, editing)
+            room = max_length - needed
             if room < 0:
                 raise ValueError(
-                    f"a {height}x{width} image needs {generation_length(num_slots, editing)} positions, past the "
-                    f"{max_length} the model takes"
+                    f"a {height}x{width} image needs {needed} positions, past the {max_length} the model takes"
                 )
             if budget is None or room < budget:
                 budget = room

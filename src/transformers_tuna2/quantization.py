@@ -34,8 +34,10 @@ bitsandbytes replaces plain `nn.Linear` modules only, so the flow head's adaLN m
 import torch
 from transformers import BitsAndBytesConfig, TorchAoConfig
 
-# Matched by transformers as module-name prefixes: these stay in the load dtype.
-NOT_QUANTIZED_MODULES = ["model.patch_embed", "model.time_embed", "lm_head", "flow_head"]
+# Matched by transformers as module-name prefixes: these stay in the load dtype. The modules that read or write
+# pixels and the LM head are never quantized; the flow head, unless asked.
+ALWAYS_UNQUANTIZED_MODULES = ["model.patch_embed", "model.time_embed", "lm_head"]
+NOT_QUANTIZED_MODULES = [*ALWAYS_UNQUANTIZED_MODULES, "flow_head"]
 # With the flow head quantized, the part of it that stays in the load dtype.
 FLOW_HEAD_NOT_QUANTIZED_MODULES = ["flow_head.final_layer"]
 LLM_QUANTIZATIONS = ("int8", "int4")
@@ -43,6 +45,13 @@ LLM_QUANTIZATIONS = ("int8", "int4")
 # The weights quantized in each part (torchao `FqnToConfig` regular expressions, matched against parameter names).
 LLM_WEIGHTS = r"re:model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight"
 FLOW_HEAD_WEIGHTS = r"re:flow_head\.layers\.\d+\.((self_attn|mlp)\.\w+_proj|adaLN_modulation\.1)\.weight"
+
+
+def unquantized_modules(flow_head_quantized: bool) -> list[str]:
+    """The module-name prefixes left in the load dtype."""
+    if flow_head_quantized:
+        return [*ALWAYS_UNQUANTIZED_MODULES, *FLOW_HEAD_NOT_QUANTIZED_MODULES]
+    return list(NOT_QUANTIZED_MODULES)
 
 
 def _torchao_config(weights: str, group_size: int, part: str):
@@ -64,14 +73,10 @@ def quantization_config(
     embedding, timestep MLP and the flow head's final layer stay in the load dtype."""
     if llm is None and flow_head is None:
         raise ValueError("nothing to quantize: give llm, flow_head or both")
-    if flow_head is None:
-        return TorchAoConfig(
-            _torchao_config(llm, group_size, "llm"), modules_to_not_convert=list(NOT_QUANTIZED_MODULES)
-        )
-    not_converted = ["model.patch_embed", "model.time_embed", "lm_head", *FLOW_HEAD_NOT_QUANTIZED_MODULES]
-    if llm == flow_head:
-        # One torchao config over every linear left: transformers' Trainer accepts it for (LoRA) training, which it
-        # refuses for a per-weight `FqnToConfig`.
+    not_converted = unquantized_modules(flow_head is not None)
+    if flow_head is None or llm == flow_head:
+        # One torchao config over every linear not left out: transformers' Trainer accepts it for (LoRA) training,
+        # which it refuses for a per-weight `FqnToConfig`.
         return TorchAoConfig(_torchao_config(llm, group_size, "llm"), modules_to_not_convert=not_converted)
     from torchao.quantization import FqnToConfig
 
@@ -92,13 +97,11 @@ def nf4_quantization_config(flow_head: bool = True, compute_dtype: torch.dtype =
     """A bitsandbytes `BitsAndBytesConfig` quantizing the language model's decoder linears and, with `flow_head`,
     the flow head's attention and MLP linears to 4-bit NF4 (blocks of 64), computing in `compute_dtype`; the other
     modules stay in the load dtype."""
-    skipped = ["model.patch_embed", "model.time_embed", "lm_head"]
-    skipped += FLOW_HEAD_NOT_QUANTIZED_MODULES if flow_head else ["flow_head"]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=skipped,
+        llm_int8_skip_modules=unquantized_modules(flow_head),
     )
 
 
