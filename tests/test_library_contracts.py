@@ -312,8 +312,6 @@ def test_scaled_rope_goes_past_max_position_embeddings(tokenizer, rope_parameter
         return Tuna2ForConditionalGeneration(config).eval()
 
     long_input = torch.full((1, 120), 5)
-    with torch.no_grad(), pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
-        model_with({"rope_type": "default"})(input_ids=long_input)
     with torch.no_grad():
         logits = model_with(rope_parameters)(input_ids=long_input).logits
     assert logits.shape[1] == long_input.shape[1] and torch.isfinite(logits).all()

@@ -12,7 +12,8 @@ and `scheduler/`.
   vocabulary grows by rows drawn from the mean and covariance of the existing ones.
 - Flow head: `--flow-head-layers` blocks (16) as wide as the LLM, with its MLP width, `hidden_size / 64` query heads
   and a quarter as many key/value heads: from Qwen2.5-7B, exactly the official Tuna-2 7B.
-- Initialisation of the parts that do not come from the LLM, as the official model starts:
+- Initialisation of the parts that do not come from the LLM, as the official model starts (the model's own
+  `_init_weights`, which every new Tuna-2 starts from):
   - patch convolution: xavier-uniform weight, zero bias; every norm weight: ones;
   - timestep MLP: weights N(0, 0.02), biases PyTorch's default;
   - flow-head blocks: adaLN modulation zero (adaLN-Zero); attention and MLP linears keep PyTorch's default
@@ -32,7 +33,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Qwen2ForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from .configuration_tuna2 import OUTPUT_LAYOUTS
 from .convert_tuna2_weights_to_hf import (
@@ -45,7 +45,7 @@ from .convert_tuna2_weights_to_hf import (
     tuna2_processor,
     understanding_generation_config,
 )
-from .modeling_tuna2 import Tuna2ForConditionalGeneration, Tuna2ZeroInitLinear
+from .modeling_tuna2 import Tuna2ForConditionalGeneration
 from .processing_tuna2 import Tuna2Processor
 
 FLOW_HEAD_HEAD_DIM = 64  # the official flow head's 3-D RoPE is built for 64 channels per head
@@ -81,23 +81,11 @@ def load_qwen2(qwen_path: str | Path, dtype: torch.dtype | None) -> Qwen2ForCaus
 @torch.no_grad()
 def initialise_new_parts(model: Tuna2ForConditionalGeneration, dtype: torch.dtype):
     """Creates, part by part in fp32 and then cast to `dtype`, everything that does not come from the LLM, with the
-    official initialisation (see the module docstring): PyTorch's defaults, then the model's own `_init_weights`
-    overrides (xavier patch convolution, N(0, 0.02) timestep weights, zero adaLN and final layer, mask token)."""
+    model's own initialisation, `_init_weights`, which is the official one (see the module docstring)."""
     parts = [model.model.patch_embed, model.model.time_embed, *model.flow_head.layers, model.flow_head.final_layer]
     for part in parts:
         part.to_empty(device="cpu")
-        for module in part.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.RMSNorm)):
-                module.reset_parameters()
-            elif isinstance(module, Qwen2RMSNorm):
-                nn.init.ones_(module.weight)
-        # The model's own overrides: xavier patch convolution, zero adaLN and final layer.
-        for module in part.modules():
-            if isinstance(module, (Tuna2ZeroInitLinear, nn.Conv2d)):
-                model._init_weights(module)
-        if part is model.model.time_embed:  # official: N(0, 0.02) weights, PyTorch's default biases
-            for linear in (part.mlp[0], part.mlp[2]):
-                nn.init.normal_(linear.weight, std=0.02)
+        part.apply(model._init_weights)
         part.to(dtype)
     model.model.mask_token = nn.Parameter(torch.empty(1, 1, model.config.text_config.hidden_size, dtype=dtype))
     model._init_weights(model.model)  # the mask token
