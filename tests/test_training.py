@@ -89,7 +89,7 @@ def test_four_samples_per_task_overfit(tokenizer, train_processor, data, tmp_pat
 
 
 def test_loss_components_and_empty_masks(tokenizer, train_processor, data):
-    model = tiny_model(tokenizer).eval()
+    model = tiny_model(tokenizer).train()  # the model draws the times and noise of a training batch in training mode
     collator = Tuna2Collator(train_processor, image_size=32)
     streams = {task: read_jsonl(path, task) for task, path in data.items()}
 
@@ -107,7 +107,8 @@ def test_loss_components_and_empty_masks(tokenizer, train_processor, data):
 
 
 def test_flow_loss_is_the_weighted_x0_error(tokenizer, train_processor, data):
-    model = tiny_model(tokenizer, output_layout="patch").eval()
+    # Training mode (the model draws t and the noise), without masked patches or noised understanding images.
+    model = tiny_model(tokenizer, output_layout="patch", mask_ratio_max=0.0, understanding_noise_prob=0.0).train()
     batch = one_batch(data, train_processor)
     roles = batch["image_roles"]
     torch.manual_seed(5)
