@@ -350,7 +350,7 @@ def test_the_decoding_step_compiles_as_one_graph(processor, model):
 def test_saving_a_model_leaves_its_config_unchanged(tmp_path, tokenizer):
     model = tiny_model(tokenizer)
     model.save_pretrained(tmp_path)
-    assert "auto_map" in json.loads((tmp_path / "config.json").read_text())  # for trust_remote_code loading
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())  # remote code only when asked for
     assert not hasattr(model.config, "auto_map")
 
 

@@ -2,6 +2,7 @@
 the flow head's rotary tables follow a split model's blocks, sliding-window language models, one initialisation,
 remote code on request, and default RoPE past `max_position_embeddings`."""
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from transformers import AutoModelForImageTextToText
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole
 from tuna2_training.tiny import tiny_config, tiny_model
@@ -233,3 +235,19 @@ def test_default_rope_runs_past_max_position_embeddings(tokenizer):
     with torch.no_grad():
         logits = model(input_ids=torch.full((1, 120), 5)).logits
     assert logits.shape[1] == 120 and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------- remote code
+
+
+def test_saving_copies_no_code_unless_asked(tmp_path, tokenizer, processor):
+    """Importing the package registers the Auto classes in the process only: a saved folder holds no code copies and
+    no `auto_map` (`transformers_tuna2.register_for_auto_class()` asks for them; tests/test_save_load.py loads such a
+    folder without the package)."""
+    model = tiny_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.py"))
+    for path in tmp_path.glob("*.json"):
+        assert "auto_map" not in json.loads(path.read_text()), path.name
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is Tuna2ForConditionalGeneration

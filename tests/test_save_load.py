@@ -8,7 +8,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from transformers_tuna2 import Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Model, Tuna2Processor
+import transformers_tuna2
+from transformers_tuna2 import (
+    Tuna2Config,
+    Tuna2ForConditionalGeneration,
+    Tuna2ImageProcessor,
+    Tuna2ImageRole,
+    Tuna2Model,
+    Tuna2Processor,
+)
 from tuna2_training.tiny import build_processor, tiny_model
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -54,14 +62,23 @@ def test_auto_classes(tmp_path, tokenizer):
     assert isinstance(base, Tuna2Model)
     for name, tensor in model.model.state_dict().items():
         assert torch.equal(base.state_dict()[name], tensor), name
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageTextToText"].endswith("Tuna2ForConditionalGeneration")
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())  # the installed package's code
 
 
-def test_trust_remote_code_without_the_package(tmp_path, tokenizer):
+@pytest.fixture
+def remote_code_saving(monkeypatch):
+    """`transformers_tuna2.register_for_auto_class()` for one test: the registration is undone afterwards."""
+    for cls in (Tuna2Config, Tuna2Model, Tuna2ForConditionalGeneration, Tuna2ImageProcessor, Tuna2Processor):
+        monkeypatch.setattr(cls, "_auto_class", None)
+    transformers_tuna2.register_for_auto_class()
+
+
+def test_trust_remote_code_without_the_package(tmp_path, tokenizer, remote_code_saving):
     model = tiny_model(tokenizer)
     processor = build_processor(tokenizer, size={"height": 32, "width": 48})
     model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"].endswith("Tuna2ForConditionalGeneration")
     processor.save_pretrained(tmp_path / "ckpt")
     inputs = chat_inputs(processor)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Tuna-2 for transformers. Importing this package registers Tuna-2 with the Auto classes."""
+"""Tuna-2 for transformers. Importing this package registers Tuna-2 with the Auto classes (in this process; see
+`register_for_auto_class` to make saved checkpoints load without the package)."""
 
 from transformers import (
     AutoConfig,
@@ -20,13 +21,25 @@ AutoModelForImageTextToText.register(Tuna2Config, Tuna2ForConditionalGeneration,
 AutoImageProcessor.register(Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True)
 AutoProcessor.register(Tuna2Config, Tuna2Processor, exist_ok=True)
 
-# save_pretrained then writes `auto_map` and copies the code, so that `trust_remote_code=True` loads a checkpoint
-# without this package.
-Tuna2Config.register_for_auto_class()
-Tuna2Model.register_for_auto_class("AutoModel")
-Tuna2ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-Tuna2ImageProcessor.register_for_auto_class("AutoImageProcessor")
-Tuna2Processor.register_for_auto_class("AutoProcessor")
+
+def register_for_auto_class():
+    """Makes `save_pretrained` of the Tuna-2 classes copy this package's code into the folders it writes, with the
+    `auto_map` that points the Auto classes to it, so that `trust_remote_code=True` loads them where the package is
+    not installed (transformers' `register_for_auto_class`, for every class at once). Without it, a saved folder
+    holds weights and configuration only, and loads with this package installed. Call it once, before saving:
+
+        import transformers_tuna2
+
+        transformers_tuna2.register_for_auto_class()
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    """
+    Tuna2Config.register_for_auto_class()
+    Tuna2Model.register_for_auto_class("AutoModel")
+    Tuna2ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    Tuna2ImageProcessor.register_for_auto_class("AutoImageProcessor")
+    Tuna2Processor.register_for_auto_class("AutoProcessor")
+
 
 __all__ = [
     "Tuna2AttentionMaps",
@@ -40,4 +53,5 @@ __all__ = [
     "Tuna2Processor",
     "attention_maps",
     "overlay_attention_map",
+    "register_for_auto_class",
 ]

@@ -678,18 +678,6 @@ class Tuna2PreTrainedModel(PreTrainedModel):
             if isinstance(module, Tuna2Model) and module.mask_token is not None:
                 init.normal_(module.mask_token, std=module.mask_token.shape[-1] ** -0.5)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As transformers saves; the `auto_map` it writes for `trust_remote_code` loading goes to the saved config
-        only, not to this model's."""
-        had_auto_map, auto_map = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if had_auto_map:
-                self.config.auto_map = auto_map
-            elif hasattr(self.config, "auto_map"):
-                del self.config.auto_map
-
 
 class Tuna2Model(Tuna2PreTrainedModel):
     """The Qwen2 language model with the pixel patch embedding, the timestep embedder and the mask token."""
