@@ -261,13 +261,11 @@ def test_image_features_are_a_pooled_output_with_one_entry_per_image(processor, 
 
 
 def test_base_model_tuple_holds_the_model_outputs_only(processor, model):
-    """`return_dict=False` gives the outputs transformers' base models give, without the image spans, positions and
-    attention masks handed on to the flow head."""
+    """`return_dict=False` gives the outputs transformers' base models give."""
     inputs, _ = image_prompt(processor, model)
     with torch.no_grad():
         as_output = model.model(**inputs, use_cache=True)
         as_tuple = model.model(**inputs, use_cache=True, return_dict=False)
-    assert as_output.causal_mask_mapping is not None and as_output.image_spans is not None
     assert len(as_tuple) == 3  # last_hidden_state, past_key_values, time_embeds
     torch.testing.assert_close(as_tuple[0], as_output.last_hidden_state)
     assert isinstance(as_tuple[1], type(as_output.past_key_values))

@@ -13,6 +13,7 @@ from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook, add_ho
 from transformers import AutoModelForImageTextToText
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole
+from transformers_tuna2.modeling_tuna2 import Tuna2ModelOutputWithPast
 from tuna2_training.tiny import tiny_config, tiny_model
 
 TARGET = torch.tensor([Tuna2ImageRole.TARGET])
@@ -26,7 +27,7 @@ def image_prompt(processor, model):
     return inputs, labels
 
 
-# ---------------------------------------------------------------------------------------------------- eval is deterministic
+# ------------------------------------------------------------------------------------------------ eval draws nothing
 
 
 def test_eval_forward_with_target_images_needs_timesteps(processor, model):
@@ -55,7 +56,7 @@ def test_training_mode_still_noises_a_training_batch(processor, tokenizer):
     assert outputs.flow_loss > 0 and outputs.x0.shape == inputs.pixel_values.shape
 
 
-# ---------------------------------------------------------------------------------------------------- LM head on labels
+# ------------------------------------------------------------------------------------------------ LM head on labels
 
 
 def no_random_training(tokenizer):
@@ -220,7 +221,9 @@ def test_new_parts_start_from_the_official_initialisation(tokenizer):
     for linear in (model.model.time_embed.mlp[0], model.model.time_embed.mlp[2]):
         assert linear.weight.std().item() == pytest.approx(0.02, rel=0.1)
         bound = 1 / math.sqrt(linear.in_features)
-        assert linear.bias.abs().max() <= bound and linear.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
+        assert linear.bias.abs().max() <= bound and linear.bias.std().item() == pytest.approx(
+            bound / math.sqrt(3), rel=0.2
+        )
     assert not block.adaLN_modulation[1].weight.any() and not model.flow_head.final_layer.linear.weight.any()
 
 
@@ -251,3 +254,23 @@ def test_saving_copies_no_code_unless_asked(tmp_path, tokenizer, processor):
     for path in tmp_path.glob("*.json"):
         assert "auto_map" not in json.loads(path.read_text()), path.name
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is Tuna2ForConditionalGeneration
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def test_base_model_output_holds_what_users_read(processor, model):
+    """No image spans, positions, masks or attention flags: the flow head reads those from the inputs itself."""
+    inputs, _ = image_prompt(processor, model)
+    with torch.no_grad():
+        outputs = model.model(**inputs, timesteps=torch.tensor([0.5]), use_cache=True, output_hidden_states=True)
+    assert list(outputs.keys()) == ["last_hidden_state", "past_key_values", "hidden_states", "time_embeds"]
+    assert set(Tuna2ModelOutputWithPast.__dataclass_fields__) == {
+        "last_hidden_state",
+        "past_key_values",
+        "hidden_states",
+        "attentions",
+        "time_embeds",
+    }
+    assert "to_tuple" not in vars(Tuna2ModelOutputWithPast)
+

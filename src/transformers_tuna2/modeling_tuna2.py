@@ -88,6 +88,10 @@ class Tuna2ImageSpans:
         return len(self.lengths)
 
     @property
+    def is_image(self) -> torch.BoolTensor:
+        return self.span_position >= 0
+
+    @property
     def is_patch(self) -> torch.BoolTensor:
         return self.span_position > 0
 
@@ -143,9 +147,9 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, lay
 
 def with_official_init(linear: nn.Linear, weight: str = "kaiming_uniform") -> nn.Linear:
     """Marks `linear` for [`Tuna2PreTrainedModel._init_weights`] to start as the official model starts: its weight
-    from PyTorch's default (`"kaiming_uniform"`) or from N(0, `initializer_range`) (`"normal"`), its bias from PyTorch's
-    default, uniform in `+-1/sqrt(in_features)`. A mark rather than a subclass, since bitsandbytes quantizes plain
-    `nn.Linear` modules only."""
+    from PyTorch's default (`"kaiming_uniform"`) or from N(0, `initializer_range`) (`"normal"`), its bias from
+    PyTorch's default, uniform in `+-1/sqrt(in_features)`. A mark rather than a subclass, since bitsandbytes quantizes
+    plain `nn.Linear` modules only."""
     linear.official_weight_init = weight
     return linear
 
@@ -518,15 +522,6 @@ class Tuna2ModelOutputWithPast(ModelOutput):
         Attention weights of every language-model layer, when asked for.
     time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`, *optional*):
         Timestep embedding of each image (its time slot and its adaLN conditioning).
-    image_spans ([`Tuna2ImageSpans`]):
-        Where the images sit in the sequence, with their grids.
-    position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-        The positions the language model used.
-    causal_mask_mapping (`dict[str, torch.Tensor]`):
-        The attention masks the language model used, by layer type; the flow head reuses them.
-    is_causal (`bool`, *optional*):
-        `False` when the masks have no causal part (each row one whole image span after a cached prefix): where a
-        mask is then `None` (no padding, sdpa or eager), the attention runs unmasked instead of causal.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -534,16 +529,6 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     time_embeds: torch.FloatTensor | None = None
-    image_spans: Tuna2ImageSpans | None = None
-    position_ids: torch.LongTensor | None = None
-    causal_mask_mapping: dict | None = None
-    is_causal: bool | None = None
-
-    def to_tuple(self) -> tuple:
-        """The outputs of the model (as in transformers' tuples, `return_dict=False`), without what it hands on to
-        the flow head (`image_spans`, `position_ids`, `causal_mask_mapping`, `is_causal`)."""
-        handed_on = ("image_spans", "position_ids", "causal_mask_mapping", "is_causal")
-        return tuple(value for key, value in self.items() if key not in handed_on)
 
 
 @dataclass
@@ -760,11 +745,16 @@ class Tuna2Model(Tuna2PreTrainedModel):
         is_placeholder = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
         return torch.where(is_placeholder, image_token, -1)
 
-    def get_placeholder_mask(
-        self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, image_grids: list[tuple[int, int]]
-    ) -> torch.BoolTensor:
-        """Checks that the image spans of `input_ids` match the images one to one and returns the `(B, L, 1)` mask of
-        their positions."""
+    def image_spans(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        image_grids: list[tuple[int, int]],
+    ) -> Tuna2ImageSpans:
+        """The image spans of `input_ids` (or of `inputs_embeds` given without ids), with the patch grid of each image.
+        Raises a `ValueError` unless the spans match the images one to one."""
+        span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
+        spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
         if spans.num_images != len(image_grids):
             raise ValueError(
                 f"the input ids hold {spans.num_images} image spans but {len(image_grids)} images were given"
@@ -775,7 +765,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
                     f"image span {i} has {length} slots but image {i} needs {1 + h * w} "
                     f"(1 time slot + {h * w} patches)"
                 )
-        return (input_ids == self.config.image_token_id).unsqueeze(-1)
+        return replace(spans, grids=image_grids)
 
     def create_attention_mask(
         self,
@@ -784,16 +774,19 @@ class Tuna2Model(Tuna2PreTrainedModel):
         past_key_values: Cache | None,
         position_ids: torch.LongTensor,
         spans: Tuna2ImageSpans,
+        layer_types: tuple[str, ...] | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """The masks by layer type (`full_attention`, and `sliding_attention` when the language model has sliding-
-        window layers): causal attention, bidirectional inside each image span (time slot and patches, not the boi/eoi
-        tokens), with the padding of `attention_mask`. The flow head uses the `full_attention` one.
+        """The masks by layer type, of the language model's `layer_types` by default (`full_attention`, and
+        `sliding_attention` when it has sliding-window layers): causal attention, bidirectional inside each image span
+        (time slot and patches, not the boi/eoi tokens), with the padding of `attention_mask`. The flow head uses a
+        `full_attention` one.
 
         When each row is one whole image span (a denoising step after a cached prefix), every position sees every
         key: the mask is the padding alone, and `None` (no mask to build, sdpa's fused kernels) without padding; the
         attention must then run with `is_causal=False`."""
         text_config = self.config.text_config
-        has_sliding_layers = "sliding_attention" in (text_config.layer_types or [])
+        layer_types = set(layer_types or text_config.layer_types or ["full_attention"])
+        has_sliding_layers = "sliding_attention" in layer_types
         mask_kwargs = {
             "config": text_config,
             "inputs_embeds": inputs_embeds,
@@ -801,19 +794,20 @@ class Tuna2Model(Tuna2PreTrainedModel):
             "past_key_values": past_key_values,
         }
         if spans.fill_each_row:
-            masks = {"full_attention": create_bidirectional_mask(**mask_kwargs)}
-            if has_sliding_layers:
-                masks["sliding_attention"] = create_bidirectional_sliding_window_mask(**mask_kwargs)
-            return masks
-        block_sequence_ids = None
-        if spans.num_images > 0:
-            # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            block_sequence_ids = nn.functional.pad(spans.image_index, (past_length, 0), value=-1)
-        mask_kwargs.update(position_ids=position_ids, block_sequence_ids=block_sequence_ids)
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            full_mask, sliding_mask = create_bidirectional_mask, create_bidirectional_sliding_window_mask
+        else:
+            block_sequence_ids = None
+            if spans.num_images > 0:
+                # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                block_sequence_ids = nn.functional.pad(spans.image_index, (past_length, 0), value=-1)
+            mask_kwargs.update(position_ids=position_ids, block_sequence_ids=block_sequence_ids)
+            full_mask, sliding_mask = create_causal_mask, create_sliding_window_causal_mask
+        masks = {}
+        if "full_attention" in layer_types:
+            masks["full_attention"] = full_mask(**mask_kwargs)
         if has_sliding_layers:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            masks["sliding_attention"] = sliding_mask(**mask_kwargs)
         return masks
 
     @can_return_tuple
@@ -841,8 +835,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
             1 for tokens to attend to, 0 for padding. Position ids follow it when not given.
 
         Returns:
-            [`Tuna2ModelOutputWithPast`], which also hands on the image spans, positions and attention masks it built,
-            for the flow head.
+            [`Tuna2ModelOutputWithPast`].
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -855,13 +848,11 @@ class Tuna2Model(Tuna2PreTrainedModel):
 
         time_embeds = None
         if pixel_values is not None:
-            span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
-            spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
             image_features = self.get_image_features(pixel_values, timesteps, return_dict=True)
-            placeholder_mask = self.get_placeholder_mask(span_ids, spans, image_features.image_grids)
+            spans = self.image_spans(input_ids, inputs_embeds, image_features.image_grids)
+            placeholder_mask = spans.is_image[..., None]
             image_embeds = image_features.last_hidden_state.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
-            spans = replace(spans, grids=image_features.image_grids)
             time_embeds = image_features.time_embeds
         else:
             spans = Tuna2ImageSpans.without_images(*inputs_embeds.shape[:2], inputs_embeds.device)
@@ -873,14 +864,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
                     "as text"
                 )
 
-        causal_mask_mapping, is_causal = attention_mask, None
+        causal_mask_mapping = attention_mask
         if not isinstance(causal_mask_mapping, dict):
             causal_mask_mapping = self.create_attention_mask(
                 inputs_embeds, attention_mask, past_key_values, position_ids, spans
             )
             if spans.fill_each_row:
                 # The mask, when there is one, is the padding alone; without one, sdpa must not fall back to causal.
-                is_causal = False
                 kwargs["is_causal"] = False
 
         outputs = self.language_model(
@@ -897,10 +887,6 @@ class Tuna2Model(Tuna2PreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             time_embeds=time_embeds,
-            image_spans=spans,
-            position_ids=position_ids,
-            causal_mask_mapping=causal_mask_mapping,
-            is_causal=is_causal,
         )
 
     @staticmethod
@@ -1061,14 +1047,17 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         if labels is None and shift_labels is None:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         else:
-            next_tokens = shift_labels if shift_labels is not None else nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            next_tokens = (
+                shift_labels if shift_labels is not None else nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            )
             is_labelled = (next_tokens != -100).to(hidden_states.device)
             next_tokens = next_tokens.to(hidden_states.device)[is_labelled]
             if self.training:
-                # The LM head runs on the labelled positions only: a generation sample has none, and its vocabulary-wide
-                # logits (and their gradient) would be memory and time spent on nothing. With no labelled position in
-                # the batch, the head still runs, on zero rows: it stays in the graph and gets a zero gradient, so that
-                # DDP's reducer (even with find_unused_parameters=False) and gradient accumulation see it every step.
+                # The LM head runs on the labelled positions only: a generation sample has none, and its
+                # vocabulary-wide logits (and their gradient) would be memory and time spent on nothing. With no
+                # labelled position in the batch, the head still runs, on zero rows: it stays in the graph and gets a
+                # zero gradient, so that DDP's reducer (even with find_unused_parameters=False) and gradient
+                # accumulation see it every step. Selecting the rows reads their count on the host, once per step.
                 logits = self.lm_head(hidden_states[is_labelled])
                 labelled_logits = logits
             else:
@@ -1078,7 +1067,18 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         x0 = None
         # A Tuna2Cache keeps the flow head's keys in step with the language model's, even where nothing is generated.
         if targets or flow_head_cache is not None:
-            x0 = self.predict_x0(outputs, targets, flow_head_cache, **kwargs)
+            x0 = self.predict_x0(
+                outputs.last_hidden_state,
+                outputs.time_embeds,
+                targets,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=flow_head_cache,
+                **kwargs,
+            )
 
         loss = flow_loss = None
         if clean_images is not None or lm_loss is not None:
@@ -1102,26 +1102,48 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
 
     def predict_x0(
         self,
-        outputs: Tuna2ModelOutputWithPast,
+        hidden_states: torch.Tensor,
+        time_embeds: torch.Tensor | None,
         targets: list[int],
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> list[torch.Tensor]:
-        """Runs the flow head on the language model's `outputs` and returns the `(C, H, W)` x0 prediction of each
-        image listed in `targets` (the time slot dropped, the patches un-patchified with `config.output_layout`)."""
-        spans = outputs.image_spans
-        hidden_states = outputs.last_hidden_state
-        time_embeds = outputs.time_embeds
-        if time_embeds is None:  # a text-only prefix: the head runs to extend its cache
+        """Runs the flow head on the language model's final `hidden_states` `(batch_size, seq_len, hidden_size)` and
+        the images' `time_embeds` `(num_images, hidden_size)`, and returns the `(C, H, W)` x0 prediction of each image
+        listed in `targets` (the time slot dropped, the patches un-patchified with `config.output_layout`). The other
+        arguments are the model's inputs: the head reads the image spans, positions and attention mask from them as
+        the language model did, over its own cache `past_key_values` (which holds as many positions as the language
+        model's did before this call)."""
+        model = self.model
+        if pixel_values is None:  # a text-only prefix: the head runs to extend its cache
+            spans = Tuna2ImageSpans.without_images(*hidden_states.shape[:2], hidden_states.device)
             time_embeds = hidden_states.new_zeros(0, hidden_states.shape[-1])
-        if outputs.is_causal is not None:
-            kwargs["is_causal"] = outputs.is_causal
+        else:
+            patch_size = self.config.patch_size
+            grids = [(image.shape[-2] // patch_size, image.shape[-1] // patch_size) for image in pixel_values]
+            spans = model.image_spans(input_ids, inputs_embeds, grids)
+        if position_ids is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = model.default_position_ids(hidden_states, attention_mask, past_length)
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+        else:
+            attention_mask = model.create_attention_mask(
+                hidden_states, attention_mask, past_key_values, position_ids, spans, layer_types=("full_attention",)
+            )["full_attention"]
+            if spans.fill_each_row:
+                kwargs["is_causal"] = False  # as in the language model
         head_output = self.flow_head(
             hidden_states,
             time_embeds,
             spans,
-            outputs.position_ids,
-            outputs.causal_mask_mapping["full_attention"],
+            position_ids,
+            attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         )
@@ -1176,6 +1198,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
+
 
 __all__ = [
     "Tuna2PreTrainedModel",
