@@ -176,15 +176,19 @@ def training_loss(model, processor, backward=False):
     images = torch.rand(2, 3, SIZE["height"], SIZE["width"], generator=torch.Generator().manual_seed(1)) * 2 - 1
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     device = model.device
-    torch.manual_seed(0)  # the same training times and noise
-    with torch.set_grad_enabled(backward):
-        loss = model(
-            input_ids.to(device),
-            images.to(device),
-            image_roles=torch.full((2,), TARGET),
-            attention_mask=attention_mask.to(device),
-            labels=labels.to(device),
-        ).loss
+    torch.manual_seed(0)  # the same training times, noise and masked patches
+    model.train()  # the model draws them in training mode only
+    try:
+        with torch.set_grad_enabled(backward):
+            loss = model(
+                input_ids.to(device),
+                images.to(device),
+                image_roles=torch.full((2,), TARGET),
+                attention_mask=attention_mask.to(device),
+                labels=labels.to(device),
+            ).loss
+    finally:
+        model.eval()
     if backward:
         model.zero_grad()
         loss.backward()
