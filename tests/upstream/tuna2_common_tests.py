@@ -87,11 +87,3 @@ class Tuna2ModelTest(ModelTesterMixin, unittest.TestCase):
     def test_get_image_features_attentions(self):
         pass
 
-
-ROPE_REASON = (
-    "Tuna-2 refuses inputs longer than max_position_embeddings under default RoPE (a ValueError, tested in "
-    "tests/test_modeling_tuna2.py), while this test runs the default-RoPE model 1.5 times past it; scaled RoPE past "
-    "it is tested in tests/test_library_contracts.py"
-)
-for name in [n for n in dir(Tuna2ModelTest) if n.startswith("test_model_rope_scaling_from_config_")]:
-    setattr(Tuna2ModelTest, name, unittest.skip(ROPE_REASON)(getattr(Tuna2ModelTest, name)))
