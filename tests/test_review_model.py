@@ -273,4 +273,3 @@ def test_base_model_output_holds_what_users_read(processor, model):
         "time_embeds",
     }
     assert "to_tuple" not in vars(Tuna2ModelOutputWithPast)
-

@@ -1047,22 +1047,22 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         if labels is None and shift_labels is None:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         else:
-            next_tokens = (
-                shift_labels if shift_labels is not None else nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-            )
-            is_labelled = (next_tokens != -100).to(hidden_states.device)
-            next_tokens = next_tokens.to(hidden_states.device)[is_labelled]
+            if shift_labels is None:
+                shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            next_tokens = shift_labels.to(hidden_states.device)
+            labelled = (next_tokens != -100).nonzero(as_tuple=True)  # (batch, position) indices
+            next_tokens = next_tokens[labelled]
             if self.training:
                 # The LM head runs on the labelled positions only: a generation sample has none, and its
                 # vocabulary-wide logits (and their gradient) would be memory and time spent on nothing. With no
                 # labelled position in the batch, the head still runs, on zero rows: it stays in the graph and gets a
                 # zero gradient, so that DDP's reducer (even with find_unused_parameters=False) and gradient
                 # accumulation see it every step. Selecting the rows reads their count on the host, once per step.
-                logits = self.lm_head(hidden_states[is_labelled])
+                logits = self.lm_head(hidden_states[labelled])
                 labelled_logits = logits
             else:
                 logits = self.lm_head(hidden_states)
-                labelled_logits = logits[is_labelled]
+                labelled_logits = logits[labelled]
             lm_loss = self.next_token_loss(labelled_logits, next_tokens, num_items_in_batch)
         x0 = None
         # A Tuna2Cache keeps the flow head's keys in step with the language model's, even where nothing is generated.

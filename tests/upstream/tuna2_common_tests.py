@@ -86,4 +86,3 @@ class Tuna2ModelTest(ModelTesterMixin, unittest.TestCase):
     @unittest.skip("Tuna-2 has no vision encoder (images enter as patch-convolution embeddings): no attentions")
     def test_get_image_features_attentions(self):
         pass
-
