@@ -288,11 +288,14 @@ class RecordingTrainer(Tuna2SFTTrainer):
 
 
 def mean_loss(model, batch, seeds=range(4)) -> float:
+    """The training loss over a few seeds (training mode: the model draws the times and noise of the batch)."""
     losses = []
+    model.train()
     with torch.no_grad():
         for seed in seeds:
             torch.manual_seed(seed)
             losses.append(model(**batch).loss.item())
+    model.eval()
     return statistics.mean(losses)
 
 
