@@ -69,7 +69,7 @@ def test_dpg_writes_a_two_by_two_grid_per_prompt_file(pipe, tmp_path):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     (prompts / "shapes_a.txt").write_text("a red circle on the left\n")
-    (prompts / "shapes_b.txt").write_text("a blue square at the top\n")
+    (prompts / "shapes_b.txt").write_text("a blue square on the top\n")
     out = tmp_path / "dpg"
     assert tuna2(["bench-images", "dpg", str(prompts), "-o", str(out), *FEW_STEPS, "--seed", "7"]) == 0
 
@@ -77,7 +77,7 @@ def test_dpg_writes_a_two_by_two_grid_per_prompt_file(pipe, tmp_path):
     grid = PIL.Image.open(out / "shapes_b.png")
     assert grid.size == (96, 96)  # 2x2 samples of the demo's 48x48
     # shapes_b is the second file: its samples are seeded 7 + 4..7, and sit row by row in the grid
-    samples = pipe("a blue square at the top", num_images_per_prompt=4, num_inference_steps=2, generator=seeded(range(11, 15))).images
+    samples = pipe("a blue square on the top", num_images_per_prompt=4, num_inference_steps=2, generator=seeded(range(11, 15))).images
     for n, sample in enumerate(samples):
         left, top = 48 * (n % 2), 48 * (n // 2)
         np.testing.assert_array_equal(pixels(grid.crop((left, top, left + 48, top + 48))), pixels(sample))
@@ -106,7 +106,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_prompts(monkeypatch
     """Interrupted while writing the second prompt's samples, a run leaves the first prompt whole and no half-written
     file; the next run draws only the prompts left, with the seeds they would have had, and the folder ends as an
     uninterrupted run's."""
-    prompts = ["a red circle on the left", "a blue square at the top", "a green triangle in the center"]
+    prompts = ["a red circle on the left", "a blue square on the top", "a green triangle in the center"]
     metadata = tmp_path / "evaluation_metadata.jsonl"
     write_geneval_metadata(metadata, prompts)
     argv = ["bench-images", "geneval", str(metadata), "--samples", "2", "--batch-size", "2", *FEW_STEPS]
