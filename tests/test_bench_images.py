@@ -57,7 +57,9 @@ def test_geneval_output_of_demo_prompts_scores_at_the_demo_generation_accuracy(s
         assert sorted(p.name for p in (out / folder / "samples").iterdir()) == ["0000.png", "0001.png"]
         shape = cases[json.loads(line)["prompt"]]
         for n, seed in enumerate(record["seeds"]):
-            judged.append(shapes_evaluation.judge_image(PIL.Image.open(out / folder / "samples" / f"{n:04d}.png"), shape))
+            judged.append(
+                shapes_evaluation.judge_image(PIL.Image.open(out / folder / "samples" / f"{n:04d}.png"), shape)
+            )
             expected.append(shapes_evaluation.judge_image(generate(record["prompt"], seed), shape))
     assert len({seed for record in records for seed in record["seeds"]}) == 2 * len(cases)
     accuracy = shapes_evaluation.fraction(judged)
@@ -77,7 +79,9 @@ def test_dpg_writes_a_two_by_two_grid_per_prompt_file(pipe, tmp_path):
     grid = PIL.Image.open(out / "shapes_b.png")
     assert grid.size == (96, 96)  # 2x2 samples of the demo's 48x48
     # shapes_b is the second file: its samples are seeded 7 + 4..7, and sit row by row in the grid
-    samples = pipe("a blue square on the top", num_images_per_prompt=4, num_inference_steps=2, generator=seeded(range(11, 15))).images
+    samples = pipe(
+        "a blue square on the top", num_images_per_prompt=4, num_inference_steps=2, generator=seeded(range(11, 15))
+    ).images
     for n, sample in enumerate(samples):
         left, top = 48 * (n % 2), 48 * (n // 2)
         np.testing.assert_array_equal(pixels(grid.crop((left, top, left + 48, top + 48))), pixels(sample))
@@ -103,9 +107,9 @@ def test_imgedit_writes_one_edited_image_per_instruction_key(pipe, shapes_evalua
 
 
 def test_an_interrupted_run_resumes_without_redoing_finished_prompts(monkeypatch, tmp_path):
-    """Interrupted while writing the second prompt's samples, a run leaves the first prompt whole and no half-written
-    file; the next run draws only the prompts left, with the seeds they would have had, and the folder ends as an
-    uninterrupted run's."""
+    """Killed while writing the second prompt's second sample, a run leaves the first prompt whole and the half-written
+    sample under a temporary name only; the next run draws only the prompts left, with the seeds they would have had,
+    and the folder ends as an uninterrupted run's."""
     prompts = ["a red circle on the left", "a blue square on the top", "a green triangle in the center"]
     metadata = tmp_path / "evaluation_metadata.jsonl"
     write_geneval_metadata(metadata, prompts)
@@ -116,19 +120,22 @@ def test_an_interrupted_run_resumes_without_redoing_finished_prompts(monkeypatch
     save_whole = bench_images.save_whole
     saved = []
 
-    def interrupted_on_the_fourth_file(write, path):
-        if len(saved) == 3:  # prompt 0's two samples and metadata, then prompt 1's first sample
+    def interrupted_while_writing_the_second_prompt(write, path):
+        if len(saved) == 5:  # prompt 0's samples, metadata and seeds log, prompt 1's first sample, then its second
+            write(path.with_name(f".{path.stem}.partial{path.suffix}"))
             raise KeyboardInterrupt
         saved.append(path)
         save_whole(write, path)
 
-    monkeypatch.setattr(bench_images, "save_whole", interrupted_on_the_fourth_file)
+    monkeypatch.setattr(bench_images, "save_whole", interrupted_while_writing_the_second_prompt)
     out = tmp_path / "resumed"
     assert tuna2([*argv, "-o", str(out)]) == 130
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "00000/metadata.jsonl",
         "00000/samples/0000.png",
         "00000/samples/0001.png",
+        "00001/samples/.0001.partial.png",  # what an interruption in the middle of a write leaves
+        "00001/samples/0000.png",
         "seeds.jsonl",
     ]
     monkeypatch.setattr(bench_images, "save_whole", save_whole)
@@ -147,7 +154,9 @@ def test_an_interrupted_run_resumes_without_redoing_finished_prompts(monkeypatch
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == whole
     for path in whole:
         if path.suffix == ".png":
-            np.testing.assert_array_equal(pixels(PIL.Image.open(out / path)), pixels(PIL.Image.open(tmp_path / "whole" / path)))
+            np.testing.assert_array_equal(
+                pixels(PIL.Image.open(out / path)), pixels(PIL.Image.open(tmp_path / "whole" / path))
+            )
         else:
             assert (out / path).read_text() == (tmp_path / "whole" / path).read_text()
 

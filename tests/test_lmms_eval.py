@@ -22,7 +22,9 @@ def write_task(folder, shapes_evaluation, cases):
     `examples/shapes/evaluate.py`'s own rule."""
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
-    features = Features({"image": Image(), "kind": Value("string"), "question": Value("string"), "answer": Value("string")})
+    features = Features(
+        {"image": Image(), "kind": Value("string"), "question": Value("string"), "answer": Value("string")}
+    )
     rows = {key: [] for key in features}
     for image, kind, question, answer in cases:
         for key, value in zip(features, (image, kind, question, answer)):

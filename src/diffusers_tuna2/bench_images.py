@@ -13,8 +13,8 @@ Layouts:
 - ImgEdit: `<key>.png` per instruction of the JSON file, its source image read from `--images`.
 
 Finished prompts are skipped on a second run (each file is written whole, by a rename, and a prompt's files in a fixed
-order), so an interrupted run resumes where it stopped; `seeds.jsonl` records the seeds of each prompt written. Sample `n` of the prompt at position
-`i` of the file is seeded with `seed + i * samples + n`, whatever was finished before.
+order), so an interrupted run resumes where it stopped. Sample `n` of the prompt at position `i` of the file is seeded
+with `seed + i * samples + n`, whatever was finished before; `seeds.jsonl` records the seeds of every finished prompt.
 """
 
 import json
@@ -56,7 +56,7 @@ def read_geneval(path: Path) -> list[BenchPrompt]:
         except json.JSONDecodeError as error:
             raise cli.CommandError(f"{path}, line {index + 1}: not JSON ({error.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise cli.CommandError(f"{path}, line {index + 1}: a GenEval metadata line needs a \"prompt\" string")
+            raise cli.CommandError(f'{path}, line {index + 1}: a GenEval metadata line needs a "prompt" string')
         prompts.append(BenchPrompt(f"{index:05d}", index, record["prompt"], metadata=line))
     return prompts
 
@@ -66,7 +66,9 @@ def read_dpg(path: Path) -> list[BenchPrompt]:
     if not path.is_dir():
         raise cli.CommandError(f"{path}: DPG-Bench prompts are a folder of .txt files")
     files = sorted(path.glob("*.txt"))
-    return [BenchPrompt(file.stem, index, file.read_text(encoding="utf-8").strip()) for index, file in enumerate(files)]
+    return [
+        BenchPrompt(file.stem, index, file.read_text(encoding="utf-8").strip()) for index, file in enumerate(files)
+    ]
 
 
 def read_imgedit(path: Path, images: Path) -> list[BenchPrompt]:
@@ -76,11 +78,11 @@ def read_imgedit(path: Path, images: Path) -> list[BenchPrompt]:
     except json.JSONDecodeError as error:
         raise cli.CommandError(f"{path}: not JSON ({error.msg})") from None
     if not isinstance(records, dict):
-        raise cli.CommandError(f"{path}: an ImgEdit file maps instruction keys to {{\"id\", \"prompt\"}} records")
+        raise cli.CommandError(f'{path}: an ImgEdit file maps instruction keys to {{"id", "prompt"}} records')
     prompts = []
     for index, (key, record) in enumerate(records.items()):
         if not isinstance(record, dict) or not {"id", "prompt"} <= set(record):
-            raise cli.CommandError(f"{path}: instruction {key!r} needs \"id\" (the source image) and \"prompt\"")
+            raise cli.CommandError(f'{path}: instruction {key!r} needs "id" (the source image) and "prompt"')
         prompts.append(BenchPrompt(str(key), index, record["prompt"], source=images / record["id"]))
     return prompts
 
@@ -110,8 +112,11 @@ def save_whole(write, path: Path):
     """`write(temporary_path)`, then a rename: an interrupted run leaves no half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def grid(images: list, columns: int):
@@ -136,9 +141,15 @@ def write_prompt(benchmark: str, output: Path, item: BenchPrompt, images: list, 
         save_whole(grid(images, DPG_GRID).save, paths[0])
     else:
         save_whole(images[0].save, paths[0])
-    record = {"name": item.name, "prompt": item.prompt, "seeds": item.seeds}
-    with open(output / SEEDS_LOG, "a", encoding="utf-8") as log:
-        log.write(json.dumps(record) + "\n")
+
+
+def write_seeds_log(output: Path, done: list[BenchPrompt]):
+    """`seeds.jsonl`: the name, prompt and seeds of every finished prompt, in the order of the prompt file."""
+    lines = [json.dumps({"name": item.name, "prompt": item.prompt, "seeds": item.seeds}) for item in done]
+    save_whole(
+        lambda partial: partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8"),
+        output / SEEDS_LOG,
+    )
 
 
 def finished(benchmark: str, output: Path, item: BenchPrompt, samples: int) -> bool:
@@ -160,6 +171,8 @@ def bench_images(args):
         raise cli.CommandError(f"--samples: DPG-Bench reads a {DPG_GRID}x{DPG_GRID} grid, so it takes {DPG_GRID**2}")
     if args.benchmark == "imgedit" and samples != 1:
         raise cli.CommandError("--samples: ImgEdit reads one edited image per instruction")
+    if samples < 1:
+        raise cli.CommandError(f"--samples must be a whole number >= 1, got {samples}")
     if args.batch_size < 1:
         raise cli.CommandError(f"--batch-size must be a whole number >= 1, got {args.batch_size}")
     cli.check_sampling(args)
@@ -175,7 +188,8 @@ def bench_images(args):
     cli.check_device(args.device)
     for item in items:
         item.seeds = [args.seed + item.position * samples + n for n in range(samples)]
-    todo = [item for item in items if not finished(args.benchmark, output, item, samples)]
+    done = [item for item in items if finished(args.benchmark, output, item, samples)]
+    todo = [item for item in items if item not in done]
     print(f"{len(items) - len(todo)} of {len(items)} prompts already done in {output}", flush=True)
     if not todo:
         return
@@ -209,6 +223,8 @@ def bench_images(args):
             ).images
             for index, item in enumerate(batch):
                 write_prompt(args.benchmark, output, item, images[index * samples : (index + 1) * samples], samples)
+                done = sorted([*done, item], key=lambda item: item.position)
+                write_seeds_log(output, done)
                 progress.update()
     print(output)
 

@@ -9,14 +9,13 @@ processor's default), answers are greedy unless the task asks for sampling, stop
 
 import torch
 from accelerate import Accelerator
-from loguru import logger
+from lmms_eval import utils
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
-from lmms_eval import utils
-from lmms_eval.api.instance import Instance
-from lmms_eval.api.model import lmms
 
 IMAGE_TAG = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
