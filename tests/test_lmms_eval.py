@@ -3,11 +3,13 @@ scores a task defined here, on a dataset built on disk, as `examples/shapes/eval
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from importlib.metadata import entry_points
 
+import PIL.Image
 import pytest
 
 from diffusers_tuna2 import demo_model_path
@@ -118,3 +120,47 @@ def test_lmms_eval_scores_the_demo_task_as_the_demo_evaluation(shapes_evaluation
     assert [answer.strip() for answer in answers] == lmms_eval_answers
     assert lmms_eval_accuracy == pytest.approx(accuracy)
     assert accuracy >= shapes_evaluation.FLOOR["answers"]
+
+
+@pytest.fixture(scope="module")
+def lmms_eval_model():
+    from tuna2_eval.lmms_eval_tuna2 import Tuna2
+
+    return Tuna2(pretrained=demo_model_path(), device="cpu")
+
+
+def test_the_prompt_is_the_official_evaluation_prompt(lmms_eval_model):
+    """The task's `<image>` tags removed, the first image before the question, under Qwen's default system turn."""
+    image, other = PIL.Image.new("RGB", (48, 48), "red"), PIL.Image.new("RGB", (48, 48), "blue")
+    conversation = lmms_eval_model.conversation("<image>\nWhat colour is the shape? <image> ", [image, other])
+    text = lmms_eval_model.processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\nWhat colour is the shape?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_generation_settings_follow_the_task(lmms_eval_model):
+    assert lmms_eval_model.generation_options({"until": ["\n\n"]}) == {
+        "max_new_tokens": 512,
+        "num_beams": 1,
+        "do_sample": False,
+    }
+    sampled = lmms_eval_model.generation_options({"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9})
+    assert sampled == {"max_new_tokens": 16, "num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        ({"dtype": "float64"}, "dtype must be auto or one of float32, bfloat16, float16, got 'float64'"),
+        ({"batch_size": 0}, "batch_size and max_new_tokens must be whole numbers >= 1"),
+        ({"use_flash_attention_2": True}, "tuna2 does not take the model_args use_flash_attention_2"),
+    ],
+)
+def test_bad_model_args_fail_in_one_line(model_args, message):
+    from tuna2_eval.lmms_eval_tuna2 import Tuna2
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Tuna2(pretrained=demo_model_path(), device="cpu", **model_args)
