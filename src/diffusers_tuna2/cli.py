@@ -601,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--share", action="store_true", help="also serve through a temporary public gradio.live link (default: off)"
     )
     add_model_options(command)
+    from diffusers_tuna2 import bench_images
+
+    bench_images.add_parser(commands)
     for name, text in SCRIPTS.items():
         commands.add_parser(name, help=f"{text} (its own options: tuna2 {name} --help)", add_help=False)
     return parser
@@ -618,6 +621,10 @@ def main(argv=None) -> int:
             attend(args)
         elif args.command == "app":
             app(args)
+        elif args.command == "bench-images":
+            from diffusers_tuna2.bench_images import bench_images
+
+            bench_images(args)
         else:
             draw(args, editing=args.command == "edit")
     except (CommandError, ValueError, OSError) as error:
