@@ -28,7 +28,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from trl import SFTConfig
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
-from diffusers_tuna2.cli import CommandError, HelpFormatter, check_checkpoint, resolve_model
+from diffusers_tuna2.cli import HelpFormatter
+from diffusers_tuna2.user_inputs import CommandError, check_checkpoint, resolve_model
 from tuna2_training.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
 from tuna2_training.train_only import freeze_all_but, modules_to_save, read_patterns_file
 from tuna2_training.trainer import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
