@@ -468,7 +468,8 @@ def add_command(commands, name: str, text: str, run: Callable) -> argparse.Argum
     command.add_argument(
         "--verbose",
         action="store_true",
-        help=f"on an error, also print its traceback and the library error behind it (or set {VERBOSE_VARIABLE}=1)",
+        help="on an error, also print its traceback and the library error behind it "
+        f"(default: off; {VERBOSE_VARIABLE}=1 turns it on too)",
     )
     return command
 
