@@ -2,6 +2,7 @@
 command's --verbose errors, and which module imports which."""
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -153,3 +154,30 @@ def test_the_app_does_not_import_the_command():
     cli_imports = imported_modules(PACKAGE / "cli.py")
     assert ("diffusers_tuna2.app", False) in cli_imports and ("diffusers_tuna2.app", True) not in cli_imports
     assert "diffusers_tuna2.user_inputs" in [module for module, _ in cli_imports]
+
+
+# ---------------------------------------------------------------------------------------------------- --help
+
+HELP_OF_EVERY_COMMAND = """
+import contextlib, io, json, sys
+
+from diffusers_tuna2 import cli
+
+parser = cli.build_parser()
+(commands,) = [action for action in parser._actions if action.choices and "generate" in action.choices]
+names = [name for name in commands.choices if name not in cli.SCRIPTS]
+for name in names:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        cli.main([name, "--help"])
+heavy = [module for module in ("torch", "transformers", "diffusers", "PIL", "gradio") if module in sys.modules]
+print(json.dumps([names, heavy]))
+"""
+
+
+def test_the_help_of_every_command_the_parser_defines_imports_nothing_heavy():
+    """`tuna2 <command> --help` of every command built by the parser itself (a command added later included)."""
+    result = subprocess.run([sys.executable, "-c", HELP_OF_EVERY_COMMAND], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    names, heavy = json.loads(result.stdout.splitlines()[-1])
+    assert {"generate", "edit", "ask", "attend", "app"} <= set(names)
+    assert heavy == []
