@@ -8,6 +8,8 @@ package), draw where it looks while it reads a question, serve the same in a web
     tuna2 app                      # the same in a web page (pip install "tuna2-hf[app]")
     tuna2 convert --checkpoint tuna_2_pixel_7b.pt --tokenizer Qwen2.5-7B-Instruct --output tuna2-7b
     tuna2 init --qwen Qwen2.5-7B-Instruct --output tuna2-7b-init
+
+Errors are one line; --verbose (or TUNA2_VERBOSE=1) also prints the traceback of the library error behind it.
 """
 
 # torch, transformers, diffusers and PIL are imported inside the commands: `tuna2 --help` and argument errors stay
