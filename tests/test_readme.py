@@ -161,7 +161,7 @@ class Snippet:
 
 def snippets(document: Path) -> list[Snippet]:
     """The bash and python blocks of a markdown document, in order."""
-    found, paragraph, block, blank_since = [], [], None, False
+    found, paragraph, block, after_blank = [], [], None, False
     for number, line in enumerate(document.read_text().splitlines(), 1):
         fence = FENCE.match(line)
         if block is None and fence:
@@ -173,10 +173,10 @@ def snippets(document: Path) -> list[Snippet]:
         elif block is not None:
             block.code += line + "\n"
         elif line.strip():  # a line of text: the paragraph goes on, or a new one starts after a blank line
-            paragraph = [line.strip()] if blank_since else [*paragraph, line.strip()]
-            blank_since = False
+            paragraph = [line.strip()] if after_blank else [*paragraph, line.strip()]
+            after_blank = False
         else:
-            blank_since = True
+            after_blank = True
     return found
 
 
