@@ -13,7 +13,9 @@ text 0.1). With LoRA the output folder holds the adapter; with `--no-lora` it is
 `--train-only PATTERN ...` / `--train-only-file FILE` train only the named parameters (name prefixes or regular
 expressions; the file is what `tuna2 convert --report --fresh-layers-out FILE` writes): with `--no-lora` every other
 parameter is frozen; with LoRA the named ones train fully and the adapters train on the rest. `--ema-decay` keeps
-an EMA of the trained weights and saves it instead of them (the official restore recipe: docs/training.md).
+an EMA of the trained weights: every `checkpoint-N` holds the raw weights and the EMA (in `ema/`), and the output
+folder the EMA weights (the official restore recipe: docs/training.md). `--resume-from-checkpoint` goes on from a
+`checkpoint-N` folder: weights, optimizer, data position and EMA.
 """
 
 import argparse
@@ -28,7 +30,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from trl import SFTConfig
 
 import transformers_tuna2  # noqa: F401  (registers Tuna-2 with the Auto classes)
-from diffusers_tuna2.cli import CommandError, HelpFormatter, check_checkpoint, resolve_model
+from diffusers_tuna2.cli import HelpFormatter
+from diffusers_tuna2.user_inputs import CommandError, check_checkpoint, resolve_model
 from tuna2_training.data import Tuna2Collator, Tuna2DataError, Tuna2MixtureDataset, read_hf_dataset, read_jsonl
 from tuna2_training.train_only import freeze_all_but, modules_to_save, read_patterns_file
 from tuna2_training.trainer import LORA_TARGETS, Tuna2SFTTrainer, lora_target_modules
@@ -86,6 +89,17 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--ema-warmup", action="store_true", help="EMA decay min(ema_decay, n / (n + 9)) at step n (short runs)"
+    )
+    parser.add_argument(
+        "--ema-on-cpu",
+        action="store_true",
+        help="keep the EMA (float32, 4 bytes per trained weight) in CPU memory instead of on the GPU",
+    )
+    parser.add_argument(
+        "--resume-from-checkpoint",
+        metavar="FOLDER",
+        default=None,
+        help="go on from a checkpoint-N folder of --output, or 'last' for the latest one",
     )
     parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=1, help="per device")
@@ -162,7 +176,7 @@ def check_folders(args):
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"error: --output {args.output} is a file; give a folder")
-    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+    if output.is_dir() and any(output.iterdir()) and not (args.overwrite or args.resume_from_checkpoint):
         raise SystemExit(f"error: --output {args.output} is not empty; pass --overwrite to write into it")
 
 
@@ -266,9 +280,11 @@ def main(argv=None):
         callbacks=[SavePipelineFiles(args.model)] if args.no_lora else None,
         ema_decay=args.ema_decay,
         ema_warmup=args.ema_warmup,
+        ema_device="cpu" if args.ema_on_cpu else None,
     )
+    resume = args.resume_from_checkpoint
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     except Tuna2DataError as error:
         raise SystemExit(f"error: {error}") from None
 

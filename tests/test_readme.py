@@ -1,13 +1,21 @@
-"""The README's Python usage example, run as written on a tiny checkpoint."""
+"""The snippets of the README and of docs/*.md: the README's Python examples on a tiny checkpoint, and every snippet of
+every document, run as written on the shipped demo unless the text right above it says what it needs."""
 
+import importlib.util
 import logging
 import re
+import runpy
+import shlex
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
+import pytest
 import torch
 from transformers.utils import logging as transformers_logging
 
+from diffusers_tuna2 import cli
 from tuna2_training.tiny import build_processor, tiny_model
 
 README = Path(__file__).parents[1] / "README.md"
@@ -100,3 +108,205 @@ def test_readme_one_forward_example_runs(tokenizer, processor, model):
     assert namespace["x0"].shape == (1, 3, 512, 512)
     cache, layout = namespace["cache"], namespace["layout"]
     assert cache.language_model.get_seq_length() == cache.flow_head.get_seq_length() == layout["input_ids"].shape[1]
+
+
+# ---------------------------------------------------------------------------------------------------- every snippet
+
+ROOT = Path(__file__).parents[1]
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# A snippet is not run when the paragraph right above it says why, in one of these words.
+NOT_RUN = re.compile(
+    r"needs a full checkpoint|needs a GPU|needs the network|serves until interrupted|runs the whole test suite"
+    r"|is long",
+    re.I,
+)
+# The snippets the documents say not to run, by document and the start of their first line: a snippet newly marked
+# must be added here.
+MARKED = {
+    ("README.md", "python examples/chat.py --model ./tuna2-7b"),
+    ("README.md", 'tuna2 generate "a red fox reading a newspaper"'),
+    ("README.md", "python conversion/convert_tuna2_to_hf.py"),
+    ("README.md", 'pip install ".[train]"'),
+    ("README.md", "import torch\nfrom transformers_tuna2 import Tuna2Cache"),
+    ("README.md", 'pipe = Tuna2Pipeline.from_pretrained("./tuna2-7b")'),
+    ("README.md", 'pip install ".[test]"'),
+    ("app.md", 'pip install ".[app]"'),
+    ("app.md", "import torch"),
+    ("attention.md", 'tuna2 attend photo.jpg "Where is the helmet?"'),
+    ("demo.md", "python examples/shapes/make_data.py"),
+    ("training.md", "python examples/sft.py --model ./tuna2-7b"),
+    ("training.md", "import torch"),
+    ("training.md", 'tuna2 generate "a red fox" -o fox.png --model ./tuna2-7b --lora'),
+    ("training.md", "# 1. Convert, and list the layers that look freshly initialised."),
+}
+# Snippets that run only where the `quant` extra (torchao, bitsandbytes) is installed, as .ci/run's second pass has it.
+NEEDS_QUANT = re.compile(r"needs the `quant` extra", re.I)
+# Installing is what the test environment already did: these lines of a bash snippet are listed, not run.
+INSTALLS = ("pip install ", "sudo apt-get install ")
+FENCE = re.compile(r"^```(\w*)$")
+
+
+@dataclass
+class Snippet:
+    document: str
+    line: int  # of the opening fence
+    language: str
+    code: str
+    above: str  # the paragraph right above the fence, joined into one line
+
+    @property
+    def marked(self) -> bool:
+        return bool(NOT_RUN.search(self.above))
+
+
+def snippets(document: Path) -> list[Snippet]:
+    """The bash and python blocks of a markdown document, in order."""
+    found, paragraph, block, after_blank = [], [], None, False
+    for number, line in enumerate(document.read_text().splitlines(), 1):
+        fence = FENCE.match(line)
+        if block is None and fence:
+            block = Snippet(document.name, number, fence.group(1), "", " ".join(paragraph))
+        elif block is not None and line == "```":
+            if block.language in ("bash", "python"):
+                found.append(block)
+            block, paragraph = None, []
+        elif block is not None:
+            block.code += line + "\n"
+        elif line.strip():  # a line of text: the paragraph goes on, or a new one starts after a blank line
+            paragraph = [line.strip()] if after_blank else [*paragraph, line.strip()]
+            after_blank = False
+        else:
+            after_blank = True
+    return found
+
+
+def bash_commands(code: str) -> list[list[str]]:
+    """The commands of a bash snippet as argument lists: continuation lines joined, comments dropped, `;` and `&&`
+    separating commands."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&")
+        lexer.whitespace_split = True
+        command = []
+        for token in lexer:
+            if token in (";", "&&"):
+                commands.append(command)
+                command = []
+            else:
+                command.append(token)
+        commands.append(command)
+    return [command for command in commands if command]
+
+
+def run_command(command: list[str]):
+    """One command of a bash snippet, in this process (the imports are paid once): `tuna2 ...` or
+    `python <script> ...`."""
+    if command[0] == "tuna2":
+        try:
+            code = cli.main(command[1:])
+        except SystemExit as exit:  # --help
+            code = exit.code
+    elif command[0] == "python" and command[1].endswith(".py"):
+        argv = sys.argv
+        sys.argv = command[1:]
+        try:
+            runpy.run_path(command[1], run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        finally:
+            sys.argv = argv
+    else:
+        raise AssertionError(f"the test does not know how to run {shlex.join(command)!r}")
+    assert code in (0, None), f"{shlex.join(command)} exited with {code}"
+
+
+def run_snippets(document: Path, tmp_path, monkeypatch) -> list[str]:
+    """Runs the document's snippets that are not marked, in order, in one folder and one Python namespace; returns
+    what it left out: install lines, and the snippets that need the `quant` extra when it is not installed."""
+    from diffusers_tuna2 import demo_model_path
+
+    for folder in ("examples", "conversion", "benchmarks"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    monkeypatch.chdir(tmp_path)
+    scenes = ROOT / "src" / "diffusers_tuna2" / "app_examples"
+    # What the text says `path` and `img` are: a checkpoint folder and a PIL image.
+    namespace = {
+        "path": demo_model_path(),
+        "img": PIL.Image.open(scenes / "red-circle-right.png").convert("RGB"),
+        "img2": PIL.Image.open(scenes / "blue-square-center.png").convert("RGB"),
+        "image": PIL.Image.open(scenes / "green-triangle-left.png").convert("RGB"),
+    }
+    quant_installed = all(importlib.util.find_spec(name) for name in ("torchao", "bitsandbytes"))
+    left_out = []
+    for snippet in snippets(document):
+        if snippet.marked:
+            continue
+        if NEEDS_QUANT.search(snippet.above) and not quant_installed:
+            left_out.append(f"{snippet.document}:{snippet.line} (the `quant` extra is not installed)")
+            continue
+        if snippet.language == "python":
+            with torch.no_grad():
+                exec(compile(snippet.code, f"{snippet.document}:{snippet.line}", "exec"), namespace)
+            continue
+        for command in bash_commands(snippet.code):
+            if shlex.join(command).startswith(INSTALLS):
+                left_out.append(shlex.join(command))
+            else:
+                run_command(command)
+    return left_out
+
+
+def test_the_snippets_left_out_say_why_and_are_listed():
+    marked = [snippet for document in DOCUMENTS for snippet in snippets(document) if snippet.marked]
+    print("not run:", *(f"{s.document}:{s.line} ({s.above})" for s in marked), sep="\n  ")
+    listed = [
+        next(
+            ((document, start) for document, start in MARKED if s.document == document and s.code.startswith(start)), s
+        )
+        for s in marked
+    ]
+    assert sorted(listed, key=str) == sorted(MARKED, key=str)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [document for document in DOCUMENTS if any(not snippet.marked for snippet in snippets(document))],
+    ids=lambda document: document.name,
+)
+def test_every_snippet_runs_on_the_demo(document, tmp_path, monkeypatch):
+    left_out = run_snippets(document, tmp_path, monkeypatch)
+    print("not run:", *left_out, sep="\n  ")
+
+
+# The demo's recipe (docs/demo.md), marked as long, shortened: a few samples and steps, and shipped into a folder of
+# its own, not over the package's demo.
+SHORTENED = {
+    "examples/shapes/make_data.py": ([], ["--num-t2i", "8", "--num-mmu", "8", "--num-edit", "8"]),
+    "examples/sft.py": (
+        [("--max-steps", "2"), ("--batch-size", "2"), ("--save-steps", "2"), ("--warmup-steps", "1")],
+        [],
+    ),
+    "examples/shapes/ship.py": ([], ["--output", "shipped"]),
+    "examples/shapes/evaluate.py": ([], ["--model", "shipped", "--limit", "1", "--steps", "2"]),
+}
+
+
+def shortened(command: list[str]) -> list[str]:
+    replaced, added = SHORTENED.get(command[1], ([], []))
+    command = list(command)
+    for option, value in replaced:
+        command[command.index(option) + 1] = value
+    return command + added
+
+
+def test_the_demo_recipe_runs_shortened(tmp_path, monkeypatch):
+    (recipe,) = [snippet for snippet in snippets(ROOT / "docs" / "demo.md") if "examples/sft.py" in snippet.code]
+    assert recipe.marked
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    commands = bash_commands(recipe.code)
+    assert {command[1] for command in commands} == set(SHORTENED) | {"examples/shapes/init_model.py"}
+    for command in commands:
+        run_command(shortened(command))
+    assert (tmp_path / "shipped" / "model_index.json").is_file()

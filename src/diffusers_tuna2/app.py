@@ -16,7 +16,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from diffusers_tuna2 import Tuna2Pipeline, defaults
-from diffusers_tuna2.cli import MAX_NEW_TOKENS, CommandError, first_line, load_image
+from diffusers_tuna2.user_inputs import CommandError, first_line, load_image
 
 # Scenes of the shapes demo (`examples/shapes/shapes.py`'s `render`), named colour-shape-position.
 EXAMPLES = Path(__file__).parent / "app_examples"
@@ -98,7 +98,7 @@ class Tasks:
 
         def answer():
             try:
-                model.generate(**inputs, streamer=streamer, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+                model.generate(**inputs, streamer=streamer, max_new_tokens=defaults.MAX_NEW_TOKENS, do_sample=False)
             except Exception as error:  # reported after the stream, which must end or the request waits forever
                 failures.append(error)
                 streamer.end()

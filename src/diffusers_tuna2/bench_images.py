@@ -229,10 +229,8 @@ def bench_images(args):
     print(output)
 
 
-def add_parser(commands):
-    """Adds `bench-images` to the `tuna2` subcommands."""
-    text = "write the images of GenEval, DPG-Bench or ImgEdit from their prompt files, as their evaluators read them"
-    command = commands.add_parser("bench-images", help=text, description=__doc__, formatter_class=cli.HelpFormatter)
+def add_arguments(command):
+    """The arguments of `tuna2 bench-images`."""
     command.add_argument("benchmark", choices=FORMATS, help="the prompt file's benchmark")
     command.add_argument(
         "prompts",

@@ -8,6 +8,8 @@ package), draw where it looks while it reads a question, serve the same in a web
     tuna2 app                      # the same in a web page (pip install "tuna2-hf[app]")
     tuna2 convert --checkpoint tuna_2_pixel_7b.pt --tokenizer Qwen2.5-7B-Instruct --output tuna2-7b
     tuna2 init --qwen Qwen2.5-7B-Instruct --output tuna2-7b-init
+
+Errors are one line; --verbose (or TUNA2_VERBOSE=1) also prints the traceback of the library error behind it.
 """
 
 # torch, transformers, diffusers and PIL are imported inside the commands: `tuna2 --help` and argument errors stay
@@ -18,44 +20,31 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from diffusers_tuna2 import defaults
+from diffusers_tuna2.user_inputs import (
+    HUB_ID,
+    TRUE_VALUES,
+    CommandError,
+    check_checkpoint,
+    demo_model,
+    first_line,
+    load_image,
+    resolve_model,
+)
 
 SCRIPTS = {"convert": "convert an official checkpoint", "init": "start a new Tuna-2 from Qwen2.5"}
-# What can be a hub repo id: `name` or `org/name`. Anything else (`./x`, `~/x`, `/x`, `a/b/c`) is a local path.
-HUB_ID = re.compile(r"(?![.-])[\w.-]+(/(?![.-])[\w.-]+)?")
-TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
-MODEL_TYPE = "tuna2"  # Tuna2Config.model_type, without importing transformers
+VERBOSE_VARIABLE = "TUNA2_VERBOSE"  # set to 1: errors come with their traceback, as with --verbose
 # Named in the -o error; any extension PIL can write is accepted.
 COMMON_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MAX_NEW_TOKENS = 64  # the longest answer of `tuna2 ask` and of the app's Ask tab
 MIN_OVERLAY_SIDE = 256  # `tuna2 attend` enlarges smaller overlays (the demo's scenes are 48x48) by a whole factor
-MAX_ERROR_LENGTH = 300
 MAX_PORT = 65535
 LORA_ADAPTER = "lora"  # the adapter name of --lora
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
-# A tokenizer that `AutoProcessor` can build: the fast tokenizer's file, or the BPE files it is built from.
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-
-
-class CommandError(Exception):
-    """A problem to report in one line."""
-
-
-def first_line(error: Exception) -> str:
-    """The first line of an error from a library, whose messages can run over many lines; a first line that ends
-    with a colon gets the lines it announces, joined."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        joined = " ".join(lines)
-        return joined if len(joined) <= MAX_ERROR_LENGTH else joined[: MAX_ERROR_LENGTH - 3] + "..."
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------- checking input
@@ -81,7 +70,7 @@ def check_output(path: str):
         with open(output, "ab"):
             pass
     except OSError as error:
-        raise CommandError(f"-o {path}: cannot write there: {error.strerror or error}") from None
+        raise CommandError(f"-o {path}: cannot write there: {error.strerror or error}") from error
     if not existed:
         output.unlink()
 
@@ -110,8 +99,8 @@ def check_device(device: str | None):
 
     try:
         parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1, mps...") from None
+    except (RuntimeError, ValueError) as error:
+        raise CommandError(f"--device {device!r} is not a device; use cpu, cuda, cuda:1, mps...") from error
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {device}: this machine has no CUDA device (torch sees none); use --device cpu")
 
@@ -172,79 +161,7 @@ def check_size(size: tuple[int, int] | None, config: dict, path: Path, editing: 
         )
 
 
-def load_image(path: str):
-    import PIL.Image
-
-    if not Path(path).is_file():
-        raise CommandError(f"image not found: {path}")
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, PIL.Image.DecompressionBombError) as error:
-        raise CommandError(f"cannot read image {path}: {error}") from error
-
-
 # ---------------------------------------------------------------------------------------------------- loading
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it, read at call time (huggingface_hub reads it once, at import)."""
-    return any(os.environ.get(name, "").upper() in TRUE_VALUES for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def demo_model() -> str | None:
-    """The shipped shapes demo's folder, or None when this installation has none."""
-    from diffusers_tuna2.demo import demo_model_path
-
-    try:
-        return demo_model_path()
-    except FileNotFoundError:
-        return None
-
-
-def resolve_model(model: str | None) -> Path:
-    """The checkpoint folder of --model: a local folder, a hub id (downloaded, or taken from the cache when offline),
-    or the shapes demo. A missing local folder fails at once instead of going through the hub's retries."""
-    if model is None:
-        demo = demo_model()
-        if demo is None:
-            raise CommandError("this installation has no shapes demo model; pass --model with a checkpoint folder")
-        return Path(demo)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CommandError(f"--model must be a checkpoint folder, not a file: {model}")
-    if not HUB_ID.fullmatch(model):
-        raise CommandError(f"no such folder: {model}")
-    from huggingface_hub import snapshot_download
-
-    offline = hub_offline()
-    try:
-        return Path(snapshot_download(model, local_files_only=offline))
-    except Exception as error:  # not on the hub, no network, gated, not in the cache when offline...
-        reason = "HF_HUB_OFFLINE is set and the hub cache does not hold it" if offline else first_line(error)
-        raise CommandError(f"no such folder: {model} (nor a model on the hub: {reason})") from None
-
-
-def check_checkpoint(path: Path) -> dict:
-    """Reads config.json before loading anything, and returns it: a missing or broken file, another model or a
-    missing tokenizer fails in one line (the Auto classes would raise a long error or, with `auto_map`, ask whether
-    to trust remote code)."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CommandError(f"{path} is not a checkpoint folder: it has no config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CommandError(f"{config_file} is not valid JSON: {error}") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != MODEL_TYPE:
-        raise CommandError(f"{path} holds a {model_type!r} model, not a Tuna-2 checkpoint (model_type {MODEL_TYPE!r})")
-    if not any(all((path / name).is_file() for name in files) for files in TOKENIZER_FILES):
-        raise CommandError(f"{path} has no tokenizer: it needs tokenizer.json (or vocab.json and merges.txt)")
-    return config
 
 
 def settings(args):
@@ -301,13 +218,13 @@ def load(load_from: Callable, path: Path, device: str | None = None):
         reason = first_line(error)
         if "ignore_mismatched_sizes" in reason:  # transformers' advice names an option of from_pretrained
             reason = "its weights do not have the shapes that its config.json gives them (an edited config.json?)"
-        raise CommandError(f"cannot load the checkpoint in {path}: {reason}") from None
+        raise CommandError(f"cannot load the checkpoint in {path}: {reason}") from error
     if device is None:
         return loaded
     try:
         return loaded.to(device)
     except (RuntimeError, AssertionError) as error:  # no such device, or torch built without it
-        raise CommandError(f"cannot use device {device!r}: {first_line(error)}") from None
+        raise CommandError(f"cannot use device {device!r}: {first_line(error)}") from error
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -338,7 +255,7 @@ def load_lora(pipe, args):
     try:
         pipe.load_lora_weights(args.lora, adapter_name=LORA_ADAPTER)
     except Exception as error:
-        raise CommandError(f"cannot load the LoRA {args.lora}: {first_line(error)}") from None
+        raise CommandError(f"cannot load the LoRA {args.lora}: {first_line(error)}") from error
     if args.lora_scale != 1.0:
         pipe.set_adapters(LORA_ADAPTER, adapter_weights=args.lora_scale)
 
@@ -424,7 +341,7 @@ def attend(args):
         try:
             layers = parse_layers(args.layers)
         except ValueError as error:
-            raise CommandError(f"--layers: {error}") from None
+            raise CommandError(f"--layers: {error}") from error
     model, processor, _ = load_understanding(args)
     from transformers_tuna2 import attention_maps
 
@@ -432,7 +349,7 @@ def attend(args):
         result = attention_maps(model, processor, image, args.question, layers=layers, target=args.target)
     except ValueError as error:
         option = "--layers" if "layer" in str(error) else "--target" if args.target is not None else None
-        raise CommandError(f"{option}: {error}" if option else str(error)) from None
+        raise CommandError(f"{option}: {error}" if option else str(error)) from error
     (seen,) = result.images
     scale = args.scale or max(1, -(-MIN_OVERLAY_SIDE // max(seen.size)))
     result.overlays(scale=scale)[0].save(args.output)
@@ -446,7 +363,7 @@ def app(args):
     except ModuleNotFoundError as error:
         if error.name != "gradio":
             raise
-        raise CommandError('the app needs Gradio: pip install "tuna2-hf[app]"') from None
+        raise CommandError('the app needs Gradio: pip install "tuna2-hf[app]"') from error
     if args.port is not None and not 1 <= args.port <= MAX_PORT:
         raise CommandError(f"--port must be between 1 and {MAX_PORT}, got {args.port}")
     path = model_folder(args)
@@ -458,12 +375,12 @@ def app(args):
     pipe.set_progress_bar_config(disable=True)  # the page shows the denoising progress
     try:
         web_app.launch(web_app.build_app(pipe), port=args.port, share=args.share)
-    except OSError:  # a port Gradio cannot bind; its message names its own launch() parameters
+    except OSError as error:  # a port Gradio cannot bind; its message names its own launch() parameters
         if args.port is None:
             raise
         raise CommandError(
             f"cannot serve on port {args.port}: it is in use or not allowed; pass another --port"
-        ) from None
+        ) from error
 
 
 def run_script(name: str, argv: list[str]) -> int:
@@ -546,32 +463,43 @@ def add_generation_options(parser, default_guidance: float):
     add_model_options(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuna2", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, text, positionals, guidance in (
-        ("generate", "text-to-image", {"prompt": "what to draw"}, defaults.GUIDANCE_SCALE),
-        (
-            "edit",
-            "edit an image with an instruction",
-            {"image": "image to edit", "instruction": "the edit"},
-            defaults.EDIT_GUIDANCE_SCALE,
-        ),
-        ("ask", "ask a question about an image", {"image": "image to ask about", "question": "the question"}, None),
-    ):
-        command = commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
-        for positional, positional_help in positionals.items():
-            command.add_argument(positional, help=positional_help)
-        if guidance is None:
-            command.add_argument(
-                "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest answer, in tokens"
-            )
-            add_model_options(command)
-        else:
-            add_generation_options(command, guidance)
-    text = "write where the model looks in an image while it reads a question"
-    command = commands.add_parser("attend", help=text, description=text, formatter_class=HelpFormatter)
+def add_command(commands, name: str, text: str, run: Callable) -> argparse.ArgumentParser:
+    """A subcommand `name` whose arguments `run(args)` receives; every subcommand takes --verbose."""
+    command = commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+    command.set_defaults(run=run)
+    command.add_argument(
+        "--verbose",
+        action="store_true",
+        help="on an error, also print its traceback and the library error behind it "
+        f"(default: off; {VERBOSE_VARIABLE}=1 turns it on too)",
+    )
+    return command
+
+
+def add_drawing_commands(commands):
+    command = add_command(commands, "generate", "text-to-image", lambda args: draw(args, editing=False))
+    command.add_argument("prompt", help="what to draw")
+    add_generation_options(command, defaults.GUIDANCE_SCALE)
+    command = add_command(commands, "edit", "edit an image with an instruction", lambda args: draw(args, editing=True))
+    command.add_argument("image", help="image to edit")
+    command.add_argument("instruction", help="the edit")
+    add_generation_options(command, defaults.EDIT_GUIDANCE_SCALE)
+
+
+def add_ask_command(commands):
+    command = add_command(commands, "ask", "ask a question about an image", ask)
+    command.add_argument("image", help="image to ask about")
+    command.add_argument("question", help="the question")
+    command.add_argument(
+        "--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS, help="longest answer, in tokens"
+    )
+    add_model_options(command)
+
+
+def add_attend_command(commands):
+    command = add_command(
+        commands, "attend", "write where the model looks in an image while it reads a question", attend
+    )
     command.add_argument("image", help="image to ask about")
     command.add_argument("question", help="the question")
     command.add_argument(
@@ -592,8 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"enlarge the overlay by this factor (default: enough for {MIN_OVERLAY_SIDE} pixels)",
     )
     add_model_options(command)
-    text = "ask, generate and edit in a web page (needs the [app] extra)"
-    command = commands.add_parser("app", help=text, description=text, formatter_class=HelpFormatter)
+
+
+def add_app_command(commands):
+    command = add_command(commands, "app", "ask, generate and edit in a web page (needs the [app] extra)", app)
     command.add_argument(
         "--port", type=int, default=None, help="port to serve on (default: 7860, or the next free one)"
     )
@@ -601,9 +531,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--share", action="store_true", help="also serve through a temporary public gradio.live link (default: off)"
     )
     add_model_options(command)
+
+
+def add_bench_images_command(commands):
     from diffusers_tuna2 import bench_images
 
-    bench_images.add_parser(commands)
+    text = "write the images of GenEval, DPG-Bench or ImgEdit from their prompt files, as their evaluators read them"
+    bench_images.add_arguments(add_command(commands, "bench-images", text, bench_images.bench_images))
+
+
+# Each adds its subcommands to the parser's; a new subcommand is a function here, whose `add_command` names what
+# runs it.
+COMMANDS = (
+    add_drawing_commands,
+    add_ask_command,
+    add_attend_command,
+    add_app_command,
+    add_bench_images_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuna2", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_commands in COMMANDS:
+        add_commands(commands)
     for name, text in SCRIPTS.items():
         commands.add_parser(name, help=f"{text} (its own options: tuna2 {name} --help)", add_help=False)
     return parser
@@ -615,19 +568,10 @@ def main(argv=None) -> int:
         return run_script(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "ask":
-            ask(args)
-        elif args.command == "attend":
-            attend(args)
-        elif args.command == "app":
-            app(args)
-        elif args.command == "bench-images":
-            from diffusers_tuna2.bench_images import bench_images
-
-            bench_images(args)
-        else:
-            draw(args, editing=args.command == "edit")
+        args.run(args)
     except (CommandError, ValueError, OSError) as error:
+        if args.verbose or os.environ.get(VERBOSE_VARIABLE, "").upper() in TRUE_VALUES:
+            traceback.print_exception(error)  # with the library error it was raised from
         print(f"tuna2: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

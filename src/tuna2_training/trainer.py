@@ -3,12 +3,16 @@
 TRL's `SFTTrainer` computes the next-token loss itself from a fused LM head, which would leave out the flow loss of
 image generation; `Tuna2SFTTrainer` lets the model compute its own total loss (next-token + flow) and keeps
 everything else of TRL: logging (with `lm_loss` and `flow_loss`), checkpointing, PEFT, accelerate. With `ema_decay`
-it keeps an exponential moving average of the trained weights (`.ema`) and saves it in place of the raw weights.
+it keeps an exponential moving average of the trained weights (`.ema`): checkpoints hold it beside the raw weights,
+and the final save writes it in their place.
 """
 
+import os
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTTrainer
 
-from .ema import EMACallback
+from .ema import EMA_FOLDER, EMACallback
 
 LLM_LINEAR = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 FLOW_HEAD_LINEAR = r"flow_head\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -29,16 +33,28 @@ def lora_target_modules(targets: str) -> str:
 class Tuna2SFTTrainer(SFTTrainer):
     """`SFTTrainer` whose loss is the model's own: `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss`.
 
-    `ema_decay` (official: 0.9999) keeps the EMA of the trained parameters (`tuna2_training.ema`, `ema_warmup` for
-    a warmed-up decay); `save_model`, and so every `checkpoint-N` and the final save, writes the EMA weights."""
+    `ema_decay` (official: 0.9999) keeps the EMA of the trained parameters (`tuna2_training.ema`; `ema_warmup` for a
+    warmed-up decay, `ema_device="cpu"` to keep it off the training device). Every `checkpoint-N` holds the raw
+    weights with their optimizer state and the average in `ema/`; `train(resume_from_checkpoint=...)` restores both.
+    `save_model`, called by the user at the end, writes the EMA weights."""
 
-    def __init__(self, *args, ema_decay: float | None = None, ema_warmup: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
+        ema_device: str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         # Both losses are means over their micro-batch, so the Trainer averages them over gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.ema_callback = None
+        self.saving_checkpoint = False
         if ema_decay is not None:
-            self.ema_callback = EMACallback(ema_decay, ema_warmup)
+            self.ema_callback = EMACallback(ema_decay, ema_warmup, ema_device)
+            if self.is_fsdp_enabled:
+                self.ema_callback.process_index = self.accelerator.process_index
             self.add_callback(self.ema_callback)
 
     @property
@@ -46,8 +62,31 @@ class Tuna2SFTTrainer(SFTTrainer):
         """The `ExponentialMovingAverage` (None without `ema_decay`, or before training starts)."""
         return None if self.ema_callback is None else self.ema_callback.ema
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if self.ema_callback is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:  # as the Trainer finds it (and raises when there is none)
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            self.ema_callback.resume_from = checkpoint or None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """The raw weights (which the optimizer state saved with them belongs to), then the average in `ema/`."""
+        self.saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.saving_checkpoint = False
         if self.ema is None:
+            return
+        if self.ema_callback.process_index is not None or self.args.should_save:
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self.ema.save(os.path.join(checkpoint, EMA_FOLDER), self.ema_callback.process_index)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if self.ema is None or self.saving_checkpoint:
             return super().save_model(output_dir, _internal_call)
         with self.ema.swapped_in():
             return super().save_model(output_dir, _internal_call)
