@@ -229,6 +229,6 @@ def test_file_layout_is_diffusers_and_peft_folders_still_load(sft_run, base_fold
 
 def test_loading_a_lora_without_peft_says_so(monkeypatch, tokenizer):
     pipe = Tuna2Pipeline(model=tiny_model(tokenizer), processor=build_processor(tokenizer))
-    monkeypatch.setattr("diffusers_tuna2.pipeline_tuna2.is_peft_available", lambda: False)
+    monkeypatch.setattr("diffusers_tuna2.lora_tuna2.is_peft_available", lambda: False)
     with pytest.raises(ValueError, match=r"^loading a LoRA needs PEFT: pip install peft"):
         pipe.load_lora_weights("some/folder")

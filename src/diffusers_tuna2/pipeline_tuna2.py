@@ -5,7 +5,6 @@ Sampling follows the official JiT sampler (t=1 is clean): `z_0 = noise_scale * e
 `v = (x0 - z) / max(1 - t, t_eps)`, Euler steps, and the final state (not the last x0) as the image.
 """
 
-import contextlib
 import inspect
 import json
 import math
@@ -19,16 +18,9 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.loaders.lora_base import (
-    LORA_WEIGHT_NAME_SAFE,
-    LoraBaseMixin,
-    _fetch_state_dict,
-    _func_optionally_disable_offloading,
-)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_peft_available, logging
-from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
@@ -37,6 +29,7 @@ from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
 from transformers_tuna2.processing_tuna2 import generation_length
 
 from . import defaults
+from .lora_tuna2 import Tuna2LoraLoaderMixin
 
 logger = logging.get_logger(__name__)
 
@@ -76,70 +69,6 @@ HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_down
 MODEL_LOADING_OPTIONS = ("use_safetensors", "device_map", "quantization_config", "low_cpu_mem_usage")
 MODEL_INDEX = "model_index.json"
 COMPONENTS = ("model", "processor", "scheduler")
-PEFT_CONFIG_NAME = "adapter_config.json"
-
-
-def lora_module(key: str) -> str | None:
-    """The module a LoRA weight belongs to (`a.b.q_proj` for `a.b.q_proj.lora_A.weight`); None for a key that is not
-    a LoRA weight."""
-    module, sep, _ = key.partition(".lora_")
-    return module if sep else None
-
-
-def lora_layers_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], "peft.LoraConfig"]:  # noqa: F821
-    """The PEFT state dict (module paths of the Tuna-2 model, no adapter name) and the config of the one active
-    adapter of a `PeftModel` or of a model with adapters loaded through transformers' PEFT integration."""
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
-    names = model.active_adapters if isinstance(model, PeftModel) else model.active_adapters()
-    if len(names) != 1:
-        raise ValueError(f"the model has {len(names)} active adapters ({names}); activate one, or pass its state dict")
-    layers = get_peft_model_state_dict(model, adapter_name=names[0])
-    if isinstance(model, PeftModel):
-        layers = {key.removeprefix("base_model.model."): value for key, value in layers.items()}
-    return layers, model.peft_config[names[0]]
-
-
-def load_adapter(model: Tuna2ForConditionalGeneration, adapter_name: str, *args, **kwargs):
-    """`model.load_adapter(*args, adapter_name=..., **kwargs)` with a load report about this adapter only: with other
-    adapters loaded, transformers' own report lists their weights as missing from this one's checkpoint."""
-    from transformers.utils import logging as transformers_logging
-
-    peft_logger = transformers_logging.get_logger("transformers.integrations.peft")
-    level = peft_logger.level
-    peft_logger.setLevel(transformers_logging.ERROR)
-    try:
-        info = model.load_adapter(*args, adapter_name=adapter_name, **kwargs)
-    finally:
-        peft_logger.setLevel(level)
-    if info is None:
-        return
-    missing = sorted(key for key in info.missing_keys if f".{adapter_name}." in key)
-    unexpected = sorted(info.unexpected_keys)
-    for what, keys in (("left at their initial values", missing), ("not loaded", unexpected)):
-        if keys:
-            logger.warning(f"LoRA {adapter_name!r}: {len(keys)} weight(s) {what}: {', '.join(keys[:3])}")
-
-
-@contextlib.contextmanager
-def _lora_loading(pipeline):
-    """Takes accelerate's offloading hooks off the pipeline while adapters are injected, and puts them back after, as
-    diffusers' LoRA loaders do."""
-    model_offload, sequential_offload, group_offload = _func_optionally_disable_offloading(pipeline)
-    try:
-        yield
-    finally:
-        if model_offload:
-            pipeline.enable_model_cpu_offload()
-        elif sequential_offload:
-            pipeline.enable_sequential_cpu_offload()
-        elif group_offload:
-            from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
-            for component in pipeline.components.values():
-                if isinstance(component, torch.nn.Module):
-                    _maybe_remove_and_reapply_group_offloading(component)
 
 
 # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.retrieve_timesteps
@@ -226,7 +155,7 @@ class Tuna2EncodedPrompt:
     past_key_values: Tuna2Cache | None = None
 
 
-class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
+class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
     r"""
     Text-to-image generation and image editing with Tuna-2.
 
@@ -250,10 +179,6 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
     # leaves optional `__init__` arguments out of `components` unless they are listed here).
     _optional_components = ["scheduler"]
     _callback_tensor_inputs = ["latents"]
-    # LoRA (diffusers' `LoraBaseMixin`): the model is the one component that takes adapters; the keys of a
-    # diffusers-format LoRA file start with its name, as `transformer.` in the transformer pipelines.
-    _lora_loadable_modules = ["model"]
-    model_name = "model"
 
     def __init__(
         self,
@@ -367,178 +292,6 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         index = json.loads(self.to_json_string())
         index.pop("_name_or_path", None)  # where a loaded pipeline came from, not a fact of the saved folder
         (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    # ------------------------------------------------------------------------------------------------ LoRA
-
-    @classmethod
-    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, **kwargs):
-        """The LoRA state dict of a diffusers-format file (`pytorch_lora_weights.safetensors` in a folder or hub
-        repo, or `weight_name`), or of a dict, read by diffusers' own `_fetch_state_dict`: keys
-        `model.<module>.lora_A.weight` and `...lora_B.weight`. With `return_lora_metadata=True`, also the LoRA
-        config the file's metadata carries (its keys prefixed with `model.` too; `None` when absent)."""
-        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
-        use_safetensors = kwargs.pop("use_safetensors", None)
-        state_dict, metadata = _fetch_state_dict(
-            pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
-            weight_name=kwargs.pop("weight_name", None),
-            use_safetensors=True if use_safetensors is None else use_safetensors,
-            local_files_only=kwargs.pop("local_files_only", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            force_download=kwargs.pop("force_download", False),
-            proxies=kwargs.pop("proxies", None),
-            token=kwargs.pop("token", None),
-            revision=kwargs.pop("revision", None),
-            subfolder=kwargs.pop("subfolder", None),
-            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-            allow_pickle=use_safetensors is None,
-        )
-        return (state_dict, metadata) if return_lora_metadata else state_dict
-
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
-        adapter_name: str | None = None,
-        hotswap: bool = False,
-        **kwargs,
-    ):
-        """Loads a LoRA into the model, as diffusers pipelines do: a diffusers-format file
-        (`pytorch_lora_weights.safetensors`, what `save_lora_weights` and `examples/sft.py` write; a folder, hub repo,
-        `weight_name` or state dict), else a PEFT adapter folder (`adapter_config.json`, through the model's
-        `load_adapter`). `adapter_name` defaults to diffusers' `default_<n>`. Keys that match no module of the model
-        raise a `ValueError` naming them. The other keyword arguments are those of `lora_state_dict`."""
-        if not is_peft_available():
-            raise ValueError("loading a LoRA needs PEFT: pip install peft (or the `train` extra)")
-        if adapter_name is None:
-            adapter_name = get_adapter_name(self.model)
-        if self.is_peft_adapter(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name")):
-            with _lora_loading(self):
-                load_adapter(self.model, adapter_name, str(pretrained_model_name_or_path_or_dict))
-            return
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):
-            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
-        state_dict, metadata = self.lora_state_dict(
-            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
-        )
-        self.load_lora_into_model(
-            state_dict, self.model, adapter_name=adapter_name, metadata=metadata, _pipeline=self, hotswap=hotswap
-        )
-
-    @staticmethod
-    def is_peft_adapter(pretrained_model_name_or_path_or_dict, weight_name: str | None = None) -> bool:
-        """Whether `load_lora_weights` reads a PEFT adapter folder: one with `adapter_config.json` and without a
-        diffusers-format `pytorch_lora_weights.safetensors` (the diffusers file wins when a folder has both)."""
-        if isinstance(pretrained_model_name_or_path_or_dict, dict) or weight_name is not None:
-            return False
-        path = Path(pretrained_model_name_or_path_or_dict)
-        if path.is_dir():
-            return (path / PEFT_CONFIG_NAME).is_file() and not (path / LORA_WEIGHT_NAME_SAFE).is_file()
-        if path.is_file():
-            return False
-        from huggingface_hub import file_exists
-
-        repo = str(pretrained_model_name_or_path_or_dict)
-        return file_exists(repo, PEFT_CONFIG_NAME) and not file_exists(repo, LORA_WEIGHT_NAME_SAFE)
-
-    @classmethod
-    def load_lora_into_model(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        model: Tuna2ForConditionalGeneration,
-        adapter_name: str | None = None,
-        metadata: dict | None = None,
-        _pipeline=None,
-        hotswap: bool = False,
-        low_cpu_mem_usage: bool = False,
-    ):
-        """Injects a diffusers-format LoRA state dict (keys `model.<module>.lora_A.weight`) into `model` through
-        transformers' PEFT integration (`load_adapter` with the state dict and its `LoraConfig`). The config is the
-        file's metadata when it has one, else diffusers' `get_peft_kwargs` guess (rank from the weights,
-        `lora_alpha = r`)."""
-        prefix = f"{cls.model_name}."
-        modules = {name for name, _ in model.named_modules()}
-        unknown = [
-            key for key in state_dict if not key.startswith(prefix) or lora_module(key[len(prefix) :]) not in modules
-        ]
-        if unknown:
-            shown = ", ".join(unknown[:3]) + (f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else "")
-            raise ValueError(
-                f"{len(unknown)} LoRA key(s) match no module of the model (expected {prefix}<module>.lora_A.weight "
-                f"or .lora_B.weight): {shown}"
-            )
-        state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
-        if metadata is not None:
-            metadata = {key[len(prefix) :]: value for key, value in metadata.items() if key.startswith(prefix)}
-        ranks = {key: value.shape[1] for key, value in state_dict.items() if key.endswith("lora_B.weight")}
-        lora_config = _create_lora_config(state_dict, None, metadata or None, ranks, is_unet=False)
-        if adapter_name is None:
-            adapter_name = get_adapter_name(model)
-        with _lora_loading(_pipeline):
-            load_adapter(
-                model,
-                adapter_name,
-                adapter_state_dict=state_dict,
-                peft_config=lora_config,
-                hotswap=hotswap,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
-
-    @classmethod
-    def save_lora_weights(
-        cls,
-        save_directory: str | os.PathLike,
-        model_lora_layers: dict[str, torch.Tensor] | torch.nn.Module | None = None,
-        is_main_process: bool = True,
-        weight_name: str | None = None,
-        save_function: Callable | None = None,
-        safe_serialization: bool = True,
-        model_lora_adapter_metadata: dict | None = None,
-    ):
-        """Writes a LoRA in the diffusers format, as diffusers pipelines write theirs
-        (`LoraBaseMixin._save_lora_weights`): `pytorch_lora_weights.safetensors` with keys
-        `model.<module>.lora_A.weight`, and the LoRA config, its keys prefixed with `model.`, as JSON under
-        `lora_adapter_metadata` in the safetensors metadata.
-
-        `model_lora_layers` is the adapter's PEFT state dict (`get_peft_model_state_dict(model)`, module paths of
-        [`Tuna2ForConditionalGeneration`]), with `model_lora_adapter_metadata` its `LoraConfig.to_dict()`; or a model
-        carrying an adapter (a `PeftModel`, or the pipeline's model after `load_lora_weights`), whose active adapter
-        and config are written."""
-        if isinstance(model_lora_layers, torch.nn.Module):
-            model_lora_layers, config = lora_layers_of(model_lora_layers)
-            if model_lora_adapter_metadata is None:
-                model_lora_adapter_metadata = config.to_dict()
-        if not model_lora_layers:
-            raise ValueError("You must pass `model_lora_layers`.")
-        cls._save_lora_weights(
-            save_directory=save_directory,
-            lora_layers={cls.model_name: model_lora_layers},
-            lora_metadata={cls.model_name: model_lora_adapter_metadata},
-            is_main_process=is_main_process,
-            weight_name=weight_name,
-            save_function=save_function,
-            safe_serialization=safe_serialization,
-        )
-
-    def fuse_lora(
-        self,
-        components: list[str] | None = None,
-        lora_scale: float = 1.0,
-        safe_fusing: bool = False,
-        adapter_names: list[str] | None = None,
-        **kwargs,
-    ):
-        """Merges the active adapters (or `adapter_names`), scaled by `lora_scale`, into the model's weights
-        (diffusers' `LoraBaseMixin.fuse_lora` on the `model` component)."""
-        super().fuse_lora(
-            components=components or ["model"],
-            lora_scale=lora_scale,
-            safe_fusing=safe_fusing,
-            adapter_names=adapter_names,
-            **kwargs,
-        )
-
-    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
-        """Takes the fused adapters back out of the model's weights."""
-        super().unfuse_lora(components=components or ["model"], **kwargs)
 
     # ------------------------------------------------------------------------------------------------ properties
 
