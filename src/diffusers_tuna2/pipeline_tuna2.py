@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
+from huggingface_hub import create_repo, list_repo_files, snapshot_download, upload_folder
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
@@ -68,7 +69,62 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 MODEL_LOADING_OPTIONS = ("use_safetensors", "device_map", "quantization_config", "low_cpu_mem_usage")
 MODEL_INDEX = "model_index.json"
+# What a hub download brings besides the model's weights: configs, processor and tokenizer files, the scheduler and
+# code saved with the checkpoint. Weights are chosen by `hub_allow_patterns`.
+HUB_FILES = (
+    MODEL_INDEX,
+    "config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "scheduler/*",
+    "*.py",
+)
+# transformers' weight files: `model.safetensors`, `model.fp16-00001-of-00002.safetensors`, `pytorch_model.bin`,
+# and their indexes `model.safetensors.index.json`, `model.safetensors.index.fp16.json`.
+WEIGHT_FILE = re.compile(
+    r"^(?:model|pytorch_model)(?:\.(?P<variant>[\w]+))?(?:-\d+-of-\d+)?\.(?P<format>safetensors|bin)$"
+    r"|^(?:model|pytorch_model)\.(?P<index_format>safetensors|bin)\.index(?:\.(?P<index_variant>\w+))?\.json$"
+)
 COMPONENTS = ("model", "processor", "scheduler")
+
+
+def hub_allow_patterns(
+    filenames: list[str] | None, variant: str | None = None, use_safetensors: bool | None = None
+) -> list[str]:
+    """The `allow_patterns` of a hub download of a pipeline folder, as diffusers builds them from the components:
+    [`HUB_FILES`] and the model's weight files (with their index) of `variant`, or the plain ones when the repo has
+    none of that variant, in safetensors when it has them (`use_safetensors=False`: pickled `.bin`). Without a file
+    list, patterns of the safetensors weights."""
+    if filenames is None:
+        stem = f"model.{variant}" if variant else "model"
+        weights = [f"{stem}.safetensors", f"{stem}-*-of-*.safetensors", "model.safetensors.index.json"]
+        if variant:
+            weights.append(f"model.safetensors.index.{variant}.json")
+        return [*HUB_FILES, *weights]
+    weights = {}  # (variant, format) -> files
+    for name in filenames:
+        match = WEIGHT_FILE.match(name)
+        if match:
+            key = (match["variant"] or match["index_variant"], match["format"] or match["index_format"])
+            weights.setdefault(key, []).append(name)
+    chosen_variant = variant if any(v == variant for v, _ in weights) else None
+    formats = {f for v, f in weights if v == chosen_variant}
+    if use_safetensors is False:
+        chosen_format = "bin"
+    elif "safetensors" in formats or use_safetensors:
+        chosen_format = "safetensors"
+    else:
+        chosen_format = "bin"
+    return [*HUB_FILES, *sorted(weights.get((chosen_variant, chosen_format), []))]
 
 
 # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.retrieve_timesteps
@@ -218,17 +274,24 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         transformers alone (no `model_index.json`) gets the default scheduler and sampling settings."""
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
-            hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-            path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_options))
+            path = cls.download(
+                str(pretrained_model_name_or_path),
+                variant=kwargs.get("variant"),
+                use_safetensors=kwargs.get("use_safetensors"),
+                **{key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs},
+            )
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         model_dtype = kwargs.get("dtype")
         if isinstance(model_dtype, dict):
             model_dtype = cls.model_dtype(model_dtype)
         variant = kwargs.get("variant")
-        # transformers would raise an OSError about a missing file; diffusers names the variant.
+        # transformers would raise an OSError about a missing file; diffusers names the variant, in these words.
         if variant is not None and not any(path.glob(f"*model.{variant}[.-]*")):
-            raise ValueError(f"no model weights of `variant={variant!r}` in {path}")
+            raise ValueError(
+                f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+                f"available in {path}."
+            )
         if (path / MODEL_INDEX).is_file():
             if variant is not None:  # diffusers looks for variants in component subfolders; the model is at the root
                 model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
@@ -245,6 +308,29 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             path, dtype=model_dtype, **kwargs
         )
         return cls(model=model, processor=processor, **pipeline_options)
+
+    @classmethod
+    def download(
+        cls,
+        repo_id: str,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
+        **hub_options,
+    ) -> Path:
+        """Downloads what loading the pipeline reads from a hub repo (diffusers' `DiffusionPipeline.download` for
+        this layout, the model at the root): the weights of `variant` (else the plain ones) in one format
+        (safetensors when there are, unless `use_safetensors=False`), configs, processor, tokenizer, scheduler and
+        saved code; other variants, the other format and other files (an official `.pt`, images) stay on the hub.
+        Offline (`local_files_only`), the repo's file list is unknown: the cached safetensors weights are read."""
+        if local_files_only:
+            filenames = None
+        else:
+            filenames = list_repo_files(repo_id, **{k: hub_options[k] for k in ("revision", "token") if k in hub_options})
+        allow_patterns = hub_allow_patterns(filenames, variant, use_safetensors)
+        return Path(
+            snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=local_files_only, **hub_options)
+        )
 
     @staticmethod
     def model_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype:
@@ -276,13 +362,40 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                     return saved
         return {}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
         """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
-        root, the scheduler in `scheduler/`, and `model_index.json`."""
+        root, the scheduler in `scheduler/`, and `model_index.json`. With `push_to_hub`, the whole folder is then
+        uploaded in one commit, as diffusers does (`repo_id`, defaulting to the folder's name, `token`, `private`,
+        `create_pr` and `commit_message` as in `DiffusionPipeline.save_pretrained`)."""
         save_directory = Path(save_directory)
-        self.model.save_pretrained(save_directory, **kwargs)
+        if push_to_hub:
+            commit_message = kwargs.pop("commit_message", None)
+            create_pr = kwargs.pop("create_pr", False)
+            token = kwargs.pop("token", None)
+            private = kwargs.pop("private", None)
+            repo_id = kwargs.pop("repo_id", save_directory.name)
+            repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+        model_options = {"variant": variant}
+        if max_shard_size is not None:
+            model_options["max_shard_size"] = max_shard_size
+        self.model.save_pretrained(save_directory, **model_options, **kwargs)
         self.processor.save_pretrained(save_directory)
         self.save_scheduler_and_index(save_directory)
+        if push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=token,
+                commit_message=commit_message or "Upload pipeline",
+                create_pr=create_pr,
+            )
 
     def save_scheduler_and_index(self, save_directory: str | os.PathLike):
         """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`.
@@ -398,40 +511,51 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         images: list | None = None,
         device: torch.device | None = None,
         use_prefix_cache: bool = True,
+        num_images_per_prompt: int = 1,
     ) -> Tuna2EncodedPrompt:
-        """Tokenizes the conditional sequences, then the negative ones (given for classifier-free guidance only),
-        for `height x width` images (the pipeline's default size when not given); `images` are the sources of edits,
-        one per prompt. With `use_prefix_cache`, the fixed prefix (prompt, and source image when editing) runs once
-        through the model into a [`Tuna2Cache`]; every denoising step then feeds only the span of the image being
-        generated."""
+        """Tokenizes the conditional sequences, then the negative ones (given for classifier-free guidance only; a
+        string applies to every prompt), for `height x width` images (the pipeline's default size when not given);
+        `images` are the sources of edits, one per prompt. With `use_prefix_cache`, the fixed prefix (prompt, and
+        source image when editing) runs once through the model into a [`Tuna2Cache`]; every denoising step then
+        feeds only the span of the image being generated. Each prompt is encoded once and its rows (cache rows
+        included) repeated `num_images_per_prompt` times, as Flux repeats its prompt embeddings."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
         height, width = self.image_size(height, width)
         device = device if device is not None else self._execution_device
-        texts = prompts + (negative_prompts or [])
-        sources = (images * (2 if negative_prompts else 1)) if images is not None else None
+        texts = prompts + (negative_prompt or [])
+        sources = (images * (2 if negative_prompt else 1)) if images is not None else None
         max_length = self.model.config.text_config.max_position_embeddings
         inputs = self.processor.generation_inputs(texts, height, width, source_images=sources, max_length=max_length)
-        conditions = inputs["pixel_values"].to(device) if sources is not None else None
-        prefix_ids, prefix_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-        span_ids = inputs["span_ids"].to(device)
+
+        def repeat(rows: torch.Tensor) -> torch.Tensor:
+            return rows.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        roles_per_row = inputs["image_roles"].view(len(texts), -1)
+        prefix_ids, prefix_mask, span_ids = inputs["input_ids"], inputs["attention_mask"], inputs["span_ids"]
         if not use_prefix_cache:
-            input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"].to(device)], dim=1)
+            input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"]], dim=1)
             attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
-            return Tuna2EncodedPrompt(input_ids, attention_mask, inputs["image_roles"], conditions)
+            conditions = repeat(inputs["pixel_values"]) if sources is not None else None
+            return Tuna2EncodedPrompt(
+                repeat(input_ids), repeat(attention_mask), repeat(roles_per_row).flatten(), conditions
+            )
         cache = Tuna2Cache(config=self.model.config)
         self.model(
-            input_ids=prefix_ids,
-            attention_mask=prefix_mask,
-            pixel_values=conditions,
+            input_ids=prefix_ids.to(device),
+            attention_mask=prefix_mask.to(device),
+            pixel_values=inputs["pixel_values"].to(device) if sources is not None else None,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        cache.batch_repeat_interleave(num_images_per_prompt)
+        span_ids = repeat(span_ids)
         return Tuna2EncodedPrompt(
             input_ids=span_ids,
-            attention_mask=torch.cat([prefix_mask, torch.ones_like(span_ids)], dim=1),
-            image_roles=inputs["image_roles"][inputs["image_roles"] == Tuna2ImageRole.TARGET],
+            attention_mask=torch.cat([repeat(prefix_mask), torch.ones_like(span_ids)], dim=1),
+            image_roles=repeat(roles_per_row[:, -1:]).flatten(),
             past_key_values=cache,
         )
 
@@ -571,25 +695,23 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
             negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
-        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
         images = None
         if editing:
             images = image if isinstance(image, list) else [image]
             images = images * len(prompts) if len(images) == 1 else images
-            images = [item for item in images for _ in range(num_images_per_prompt)]
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
 
         prompt_inputs = self.encode_prompt(
             prompts,
-            negative_prompts if self.do_classifier_free_guidance else None,
+            negative_prompt if self.do_classifier_free_guidance else None,
             height,
             width,
             images,
             device,
             use_prefix_cache,
+            num_images_per_prompt,
         )
-        latents = self.prepare_latents(len(prompts), height, width, dtype, device, generator, latents)
+        num_images = len(prompts) * num_images_per_prompt
+        latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
         sigmas = self.sigmas(num_inference_steps, dtype)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
         self._num_timesteps = len(timesteps)
