@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, list_repo_files, snapshot_download, upload_folder
 
@@ -29,7 +30,7 @@ from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2I
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
 from transformers_tuna2.processing_tuna2 import generation_length
 
-from . import defaults
+from .defaults import EDIT_GUIDANCE_SCALE, GUIDANCE_SCALE, IMAGE_SIZE, NUM_INFERENCE_STEPS
 from .lora_tuna2 import Tuna2LoraLoaderMixin
 
 logger = logging.get_logger(__name__)
@@ -61,10 +62,43 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
 OFFICIAL_SAMPLING = {
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "edit_negative_prompt": DEFAULT_EDIT_NEGATIVE_PROMPT,
-    "guidance_scale": defaults.GUIDANCE_SCALE,
-    "edit_guidance_scale": defaults.EDIT_GUIDANCE_SCALE,
+    "guidance_scale": GUIDANCE_SCALE,
+    "edit_guidance_scale": EDIT_GUIDANCE_SCALE,
 }
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# `save_pretrained(..., save_pipeline_code=True)` writes this module into the folder, where `model_index.json`'s
+# `_class_name` names it as `[module, class]` (diffusers' mechanism for pipelines outside its namespace), with the
+# modules it imports from this package. Its imports of the model's package become imports of the model's code that
+# transformers saves beside the weights, so that the folder loads where only diffusers and transformers are.
+PIPELINE_MODULE = "pipeline_tuna2"
+PIPELINE_HELPERS = ("defaults.py", "lora_tuna2.py")
+MODEL_CODE = (
+    "configuration_tuna2.py",
+    "image_processing_tuna2.py",
+    "modeling_tuna2.py",
+    "processing_tuna2.py",
+    "flow_matching.py",
+)
+FIRST_PACKAGE_IMPORT = (
+    "from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor\n"
+)
+FOLDER_IMPORTS = {
+    FIRST_PACKAGE_IMPORT: (
+        "from transformers import AutoImageProcessor\n\n"
+        "from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole\n"
+        "from .image_processing_tuna2 import Tuna2ImageProcessor\n"
+        "from .modeling_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration\n"
+        "from .processing_tuna2 import Tuna2Processor\n"
+    ),
+    "from transformers_tuna2.flow_matching import ": "from .flow_matching import ",
+    "from transformers_tuna2.processing_tuna2 import ": "from .processing_tuna2 import ",
+    "\nlogger = logging.get_logger(__name__)\n": (
+        "\n# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class once\n"
+        "# registered (as importing `transformers_tuna2` registers the package's).\n"
+        'AutoImageProcessor.register(Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True)\n'
+        "logger = logging.get_logger(__name__)\n"
+    ),
+}
 # What `from_pretrained` hands to the hub download, and to the model's own loading.
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 MODEL_LOADING_OPTIONS = ("use_safetensors", "device_map", "quantization_config", "low_cpu_mem_usage")
@@ -368,12 +402,18 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         variant: str | None = None,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        save_pipeline_code: bool = False,
         **kwargs,
     ):
         """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
         root, the scheduler in `scheduler/`, and `model_index.json`. With `push_to_hub`, the whole folder is then
         uploaded in one commit, as diffusers does (`repo_id`, defaulting to the folder's name, `token`, `private`,
-        `create_pr` and `commit_message` as in `DiffusionPipeline.save_pretrained`)."""
+        `create_pr` and `commit_message` as in `DiffusionPipeline.save_pretrained`).
+
+        With `save_pipeline_code`, the folder also names its pipeline class the way diffusers' custom pipelines do
+        (`pipeline_tuna2.py` and `_class_name: ["pipeline_tuna2", "Tuna2Pipeline"]`), so that
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads a `Tuna2Pipeline` where this
+        package is installed."""
         save_directory = Path(save_directory)
         if push_to_hub:
             commit_message = kwargs.pop("commit_message", None)
@@ -387,7 +427,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             model_options["max_shard_size"] = max_shard_size
         self.model.save_pretrained(save_directory, **model_options, **kwargs)
         self.processor.save_pretrained(save_directory)
-        self.save_scheduler_and_index(save_directory)
+        self.save_scheduler_and_index(save_directory, save_pipeline_code=save_pipeline_code)
         if push_to_hub:
             upload_folder(
                 repo_id=repo_id,
@@ -397,21 +437,79 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 create_pr=create_pr,
             )
 
-    def save_scheduler_and_index(self, save_directory: str | os.PathLike):
-        """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`.
-        `tuna2 convert` and `tuna2 init` (`diffusers_tuna2.conversion`) use it after the transformers converters."""
+    def save_scheduler_and_index(self, save_directory: str | os.PathLike, save_pipeline_code: bool = False):
+        """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`,
+        and with `save_pipeline_code` the pipeline's module file ([`save_pretrained`]). `tuna2 convert` and
+        `tuna2 init` (`diffusers_tuna2.conversion`) use it after the transformers converters."""
         save_directory = Path(save_directory)
-        self.scheduler.save_pretrained(save_directory / "scheduler")
+        if self.scheduler is not None:
+            self.scheduler.save_pretrained(save_directory / "scheduler")
         index = json.loads(self.to_json_string())
         index.pop("_name_or_path", None)  # where a loaded pipeline came from, not a fact of the saved folder
+        if save_pipeline_code:
+            self.save_pipeline_code(save_directory)
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @staticmethod
+    def save_pipeline_code(save_directory: str | os.PathLike):
+        """Writes this module (its imports of `transformers_tuna2` turned to the model code saved in the folder) and
+        the modules it imports from this package into `save_directory`.
+
+        Raises:
+            `FileNotFoundError`: when the folder lacks the model's code (`modeling_tuna2.py` and the modules it
+                imports), which the model and processor write when saved for `trust_remote_code` loading.
+        """
+        save_directory = Path(save_directory)
+        missing = [name for name in MODEL_CODE if not (save_directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the model's code is missing from {save_directory}: {', '.join(missing)}")
+        # diffusers copies into its module cache only the modules a local pipeline file imports itself, so the copy
+        # also imports those the model's code imports.
+        model_code = {Path(name).stem for code in MODEL_CODE for name in get_relative_import_files(save_directory / code)}
+        indirect = sorted(model_code - {Path(code).stem for code in MODEL_CODE})
+        folder_imports = dict(FOLDER_IMPORTS)
+        folder_imports[FIRST_PACKAGE_IMPORT] = folder_imports[FIRST_PACKAGE_IMPORT] + "".join(
+            f"from .{module} import __name__ as _{module}  # noqa: F401  (imported by the model's code)\n"
+            for module in indirect
+        )
+        source = Path(__file__).read_text()
+        for package_import, folder_import in folder_imports.items():
+            if package_import not in source:
+                raise RuntimeError(f"{PIPELINE_MODULE}.py no longer imports {package_import.strip()!r}")
+            source = source.replace(package_import, folder_import)
+        (save_directory / f"{PIPELINE_MODULE}.py").write_text(source)
+        for helper in PIPELINE_HELPERS:
+            (save_directory / helper).write_text((Path(__file__).parent / helper).read_text())
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' `extract_init_dict`, the model and processor entries naming the classes this module imports:
+        loaded from a folder's copy (`save_pipeline_code`), those are the folder's own model code, where
+        `model_index.json` names this package's."""
+        init_dict, unused_kwargs, hidden_config = super().extract_init_dict(config_dict, **kwargs)
+        for name, component_class in (("model", Tuna2ForConditionalGeneration), ("processor", Tuna2Processor)):
+            entry = init_dict.get(name)
+            if isinstance(entry, (list, tuple)) and entry[1] == component_class.__name__:
+                init_dict[name] = [component_class.__module__, component_class.__name__]
+        return init_dict, unused_kwargs, hidden_config
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`; a folder whose `_class_name` names its pipeline module (`save_pipeline_code`)
+        names this class, which loads without running the folder's code."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list) and config["_class_name"][1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return loaded
 
     # ------------------------------------------------------------------------------------------------ properties
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """`(height, width)` of the images a call draws: the given sides, else the processor's fixed size if it has
-        one, else `defaults.IMAGE_SIZE` square."""
-        fixed = self.processor.image_processor.size or {"height": defaults.IMAGE_SIZE, "width": defaults.IMAGE_SIZE}
+        one, else `IMAGE_SIZE` square."""
+        fixed = self.processor.image_processor.size or {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         return (height if height is not None else fixed["height"], width if width is not None else fixed["width"])
 
     def model_is_checkpointing(self) -> bool:
@@ -616,7 +714,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = defaults.NUM_INFERENCE_STEPS,
+        num_inference_steps: int = NUM_INFERENCE_STEPS,
         guidance_scale: float | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         num_images_per_prompt: int = 1,
