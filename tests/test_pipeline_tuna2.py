@@ -232,7 +232,8 @@ def test_dtype_argument(tmp_path, pipe):
         (dict(guidance_scale=-1.0), "`guidance_scale` must be >= 0"),
         (dict(num_inference_steps=0), "`num_inference_steps` must be an integer >= 1"),
         (dict(output_type="jpeg"), "`output_type` must be one of"),
-        (dict(prompt=None), "`prompt` must be a string or a list of strings"),
+        (dict(prompt=None), "Provide either `prompt` or `prompt_embeds`"),
+        (dict(prompt=3), "`prompt` must be a string or a list of strings"),
         (dict(latents=torch.zeros(1, 3, 8, 8)), "`latents` must have shape"),
     ],
 )

@@ -197,3 +197,51 @@ def test_images_per_prompt_without_the_prefix_cache(pipe):
     cached = pipe(**kwargs, generator=seeds).images
     assert full.shape == (4, 3, 32, 48)
     assert (full - cached).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- encode_prompt
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+@pytest.mark.parametrize("editing", [False, True])
+def test_encode_prompt_works_in_isolation(tokenizer, editing, use_prefix_cache):
+    """As diffusers' `PipelineTesterMixin.test_encode_prompt_works_in_isolation`: a pipeline with only the components
+    `encode_prompt` needs (the model runs the prefix; no scheduler) encodes, and the call given its output draws the
+    images of the call given the prompts; the encoded prompt serves several calls."""
+    model, processor = tiny_model(tokenizer), build_processor(tokenizer)
+    encoder = Tuna2Pipeline(model=model, processor=processor, scheduler=None)
+    sources = [source_image(1), source_image(2)] if editing else None
+    with torch.no_grad():
+        encoded = encoder.encode_prompt(
+            ["a red circle", "a blue square"], "blurry", images=sources, use_prefix_cache=use_prefix_cache,
+            num_images_per_prompt=2, **SIZE,
+        )  # fmt: skip
+    full = Tuna2Pipeline(model=model, processor=processor)
+    full.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=2, guidance_scale=2.5, output_type="np")
+
+    def seeds():
+        return [torch.Generator().manual_seed(seed) for seed in range(4)]
+
+    expected = full(
+        ["a red circle", "a blue square"], image=sources, negative_prompt="blurry", num_images_per_prompt=2,
+        generator=seeds(), use_prefix_cache=use_prefix_cache, **SIZE, **common,
+    ).images  # fmt: skip
+    for _ in range(2):
+        assert np.array_equal(full(prompt_embeds=encoded, generator=seeds(), **common).images, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt="a"), "Cannot forward both `prompt`"),
+        (dict(negative_prompt="n"), "`negative_prompt` is encoded in `prompt_embeds`"),
+        (dict(num_images_per_prompt=2), "`num_images_per_prompt` is encoded in `prompt_embeds`"),
+        (dict(guidance_scale=1.0), "`prompt_embeds` holds negative prompts, which guidance_scale=1.0 does not match"),
+    ],
+)
+def test_prompt_embeds_with_what_they_encode_is_refused(pipe, kwargs, message):
+    with torch.no_grad():
+        encoded = pipe.encode_prompt("a red circle", "blurry", **SIZE)
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt_embeds=encoded, num_inference_steps=1, **kwargs)

@@ -234,13 +234,20 @@ class Tuna2EncodedPrompt:
             `TARGET` for each image being generated, `CONDITION` for an edit source.
         condition_pixel_values (`torch.Tensor` of shape `(num_conditions, 3, height, width)`, *optional*): the clean
             edit sources of `input_ids`.
+        height (`int`), width (`int`): the size of the images the span is laid out for.
+        editing (`bool`): whether the sequences hold an edit source.
+        classifier_free_guidance (`bool`): whether the second half of the rows are the negative prompts'.
         past_key_values ([`Tuna2Cache`], *optional*): the prefix's keys and values, cut back to the prefix after
-            every step.
+            every step (so that the encoded prompt serves several calls).
     """
 
     input_ids: torch.LongTensor
     attention_mask: torch.LongTensor
     image_roles: torch.LongTensor
+    height: int
+    width: int
+    editing: bool
+    classifier_free_guidance: bool
     condition_pixel_values: torch.Tensor | None = None
     past_key_values: Tuna2Cache | None = None
 
@@ -549,30 +556,23 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         generator,
         output_type,
         callback_on_step_end_tensor_inputs,
+        prompt_embeds=None,
     ):
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if len(prompts) == 0:
-            raise ValueError("`prompt` is an empty list")
-        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
-        if image is not None:
-            images = image if isinstance(image, list) else [image]
-            for item in images:
-                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
-                    raise ValueError(
-                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
-                        f"got {type(item).__name__}"
-                    )
-            if len(images) not in (1, len(prompts)):
-                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+        if prompt_embeds is not None:
+            self.check_prompt_embeds(
+                prompt, negative_prompt, image, num_images_per_prompt, guidance_scale, prompt_embeds
+            )
+            editing, total = prompt_embeds.editing, self.num_images(prompt_embeds)
+        else:
+            self.check_prompt(prompt, negative_prompt, image)
+            editing = image is not None
+            total = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         patch_size = self.model.config.patch_size
         if height <= 0 or width <= 0 or height % patch_size or width % patch_size:
             raise ValueError(
                 f"height and width must be positive multiples of the patch size {patch_size}, got {height}x{width}"
             )
-        needed = generation_length(self.processor.num_span_slots(height, width), editing=image is not None)
+        needed = generation_length(self.processor.num_span_slots(height, width), editing=editing)
         max_positions = self.model.config.text_config.max_position_embeddings
         if needed > max_positions:
             raise ValueError(
@@ -591,7 +591,6 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             raise ValueError(f"`guidance_scale` must be >= 0 and a finite number, got {guidance_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}")
-        total = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt)")
         if output_type not in OUTPUT_TYPES:
@@ -599,6 +598,56 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {unknown}")
+
+    @staticmethod
+    def check_prompt(prompt, negative_prompt, image):
+        if prompt is None:
+            raise ValueError(
+                "Provide either `prompt` or `prompt_embeds`. Cannot leave both `prompt` and `prompt_embeds` undefined."
+            )
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if len(prompts) == 0:
+            raise ValueError("`prompt` is an empty list")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
+        if image is not None:
+            images = image if isinstance(image, list) else [image]
+            for item in images:
+                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
+                    raise ValueError(
+                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
+                        f"got {type(item).__name__}"
+                    )
+            if len(images) not in (1, len(prompts)):
+                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+
+    @staticmethod
+    def check_prompt_embeds(prompt, negative_prompt, image, num_images_per_prompt, guidance_scale, prompt_embeds):
+        """The prompts, negative prompts, edit sources and repeats are in `prompt_embeds` ([`encode_prompt`])."""
+        if prompt is not None:
+            raise ValueError(
+                f"Cannot forward both `prompt`: {prompt} and `prompt_embeds`. Please make sure to only forward one of "
+                "the two."
+            )
+        for name, value in (("negative_prompt", negative_prompt), ("image", image)):
+            if value is not None:
+                raise ValueError(f"`{name}` is encoded in `prompt_embeds`: pass it to `encode_prompt`")
+        if num_images_per_prompt != 1:
+            raise ValueError("`num_images_per_prompt` is encoded in `prompt_embeds`: pass it to `encode_prompt`")
+        if prompt_embeds.classifier_free_guidance != (guidance_scale != 1.0):
+            held = "holds negative prompts" if prompt_embeds.classifier_free_guidance else "holds no negative prompt"
+            raise ValueError(
+                f"`prompt_embeds` {held}, which guidance_scale={guidance_scale} does not match: encode with "
+                f"`negative_prompt` for guidance_scale != 1, without for 1"
+            )
+
+    @staticmethod
+    def num_images(prompt_embeds: Tuna2EncodedPrompt) -> int:
+        """The number of images `prompt_embeds` draws (its rows, less the negative ones)."""
+        targets = int((prompt_embeds.image_roles == Tuna2ImageRole.TARGET).sum())
+        return targets // 2 if prompt_embeds.classifier_free_guidance else targets
 
     def encode_prompt(
         self,
@@ -630,6 +679,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         def repeat(rows: torch.Tensor) -> torch.Tensor:
             return rows.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
+        layout = dict(height=height, width=width, editing=images is not None, classifier_free_guidance=bool(negative_prompt))
         roles_per_row = inputs["image_roles"].view(len(texts), -1)
         prefix_ids, prefix_mask, span_ids = inputs["input_ids"], inputs["attention_mask"], inputs["span_ids"]
         if not use_prefix_cache:
@@ -637,7 +687,11 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
             conditions = repeat(inputs["pixel_values"]) if sources is not None else None
             return Tuna2EncodedPrompt(
-                repeat(input_ids), repeat(attention_mask), repeat(roles_per_row).flatten(), conditions
+                input_ids=repeat(input_ids),
+                attention_mask=repeat(attention_mask),
+                image_roles=repeat(roles_per_row).flatten(),
+                condition_pixel_values=conditions,
+                **layout,
             )
         cache = Tuna2Cache(config=self.model.config)
         self.model(
@@ -655,6 +709,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             attention_mask=torch.cat([repeat(prefix_mask), torch.ones_like(span_ids)], dim=1),
             image_roles=repeat(roles_per_row[:, -1:]).flatten(),
             past_key_values=cache,
+            **layout,
         )
 
     def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
@@ -709,7 +764,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         image=None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
@@ -725,10 +780,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         use_prefix_cache: bool = True,
+        prompt_embeds: Tuna2EncodedPrompt | None = None,
     ):
         r"""
         Args:
-            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed.
+            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed. Not with
+                `prompt_embeds`.
             image (PIL image, `np.ndarray`, `torch.Tensor`, a file path or URL, or a list, *optional*): image(s) to
                 edit (one for all prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or
                 float in [0, 1].
@@ -755,6 +812,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
             use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
+            prompt_embeds ([`Tuna2EncodedPrompt`], *optional*): what [`encode_prompt`] returned, in place of
+                `prompt`, `negative_prompt`, `image` and `num_images_per_prompt` (the size and the prefix cache are
+                the encoded ones); it serves any number of calls.
         """
         if self.model.training and use_prefix_cache and self.model_is_checkpointing():
             raise ValueError(
@@ -766,7 +826,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 "the model is in training mode: masked image modelling and dropout change its predictions; call "
                 "pipe.model.eval() before sampling"
             )
-        editing = image is not None
+        editing = image is not None if prompt_embeds is None else prompt_embeds.editing
+        if prompt_embeds is not None:
+            height, width = prompt_embeds.height, prompt_embeds.width
         height, width = self.image_size(height, width)
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
@@ -783,6 +845,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             generator,
             output_type,
             callback_on_step_end_tensor_inputs,
+            prompt_embeds,
         )
         self._guidance_scale = guidance_scale
         self._cfg_interval = cfg_interval
@@ -790,25 +853,25 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         device = self._execution_device
         dtype = self.model.dtype
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
-        images = None
-        if editing:
-            images = image if isinstance(image, list) else [image]
-            images = images * len(prompts) if len(images) == 1 else images
-
-        prompt_inputs = self.encode_prompt(
-            prompts,
-            negative_prompt if self.do_classifier_free_guidance else None,
-            height,
-            width,
-            images,
-            device,
-            use_prefix_cache,
-            num_images_per_prompt,
-        )
-        num_images = len(prompts) * num_images_per_prompt
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if negative_prompt is None:
+                negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
+            images = None
+            if editing:
+                images = image if isinstance(image, list) else [image]
+                images = images * len(prompts) if len(images) == 1 else images
+            prompt_embeds = self.encode_prompt(
+                prompts,
+                negative_prompt if self.do_classifier_free_guidance else None,
+                height,
+                width,
+                images,
+                device,
+                use_prefix_cache,
+                num_images_per_prompt,
+            )
+        num_images = self.num_images(prompt_embeds)
         latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
         sigmas = self.sigmas(num_inference_steps, dtype)
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
@@ -822,9 +885,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 t = 1 - timestep.float() / num_train_timesteps
                 states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
                 # One row of logits, which denoising does not read.
-                x0 = self.model(**self.step_inputs(prompt_inputs, states, t), logits_to_keep=1).x0
-                if prompt_inputs.past_key_values is not None:
-                    prompt_inputs.past_key_values.crop(-prompt_inputs.input_ids.shape[1])
+                x0 = self.model(**self.step_inputs(prompt_embeds, states, t), logits_to_keep=1).x0
+                if prompt_embeds.past_key_values is not None:
+                    prompt_embeds.past_key_values.crop(-prompt_embeds.input_ids.shape[1])
                 if self.do_classifier_free_guidance:
                     x0_cond, x0_uncond = x0.chunk(2)
                     x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
