@@ -51,7 +51,8 @@ def test_the_folder_names_its_pipeline_module_which_needs_no_package(path):
 
 def test_diffusion_pipeline_loads_the_pipeline_of_the_folder(path):
     generic = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
-    assert type(generic).__name__ == "Tuna2Pipeline" and type(generic.model).__name__ == "Tuna2ForConditionalGeneration"
+    assert type(generic).__name__ == "Tuna2Pipeline"
+    assert type(generic.model).__name__ == "Tuna2ForConditionalGeneration"
     specific = Tuna2Pipeline.from_pretrained(path)  # the class itself: the folder's code does not run
     assert type(specific) is Tuna2Pipeline
     assert np.array_equal(images(generic), images(specific))

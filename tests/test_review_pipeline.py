@@ -2,6 +2,7 @@
 encoded once for `num_images_per_prompt` (maintainer review)."""
 
 import fnmatch
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,7 +131,8 @@ def test_loading_a_hub_variant_downloads_only_it(tmp_path, pipe, monkeypatch):
     assert torch.equal(loaded.model.lm_head.weight, pipe.model.lm_head.weight)
     (request,) = requests
     assert request["revision"] == "main"
-    assert {name for name in downloaded(request["allow_patterns"]) if name.startswith(("model.", "pytorch_model"))} == {
+    weights = {name for name in downloaded(request["allow_patterns"]) if name.startswith(("model.", "pytorch_model"))}
+    assert weights == {
         "model.fp16-00001-of-00002.safetensors",
         "model.fp16-00002-of-00002.safetensors",
         "model.safetensors.index.fp16.json",
@@ -146,7 +148,7 @@ def test_missing_variant_error_has_diffusers_wording(tmp_path, pipe):
         Tuna2Pipeline.from_pretrained(tmp_path, variant="fp16")
 
 
-# ---------------------------------------------------------------------------------------------------- images per prompt
+# ---------------------------------------------------------------------------------------------- images per prompt
 
 
 def prefix_rows(pipe, **kwargs) -> tuple[list[int], torch.Tensor]:
@@ -245,3 +247,26 @@ def test_prompt_embeds_with_what_they_encode_is_refused(pipe, kwargs, message):
         encoded = pipe.encode_prompt("a red circle", "blurry", **SIZE)
     with pytest.raises(ValueError, match=message):
         pipe(prompt_embeds=encoded, num_inference_steps=1, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------- optional components
+
+
+def test_save_load_optional_components(tmp_path, tokenizer):
+    """As diffusers' `PipelineTesterMixin.test_save_load_optional_components`: the optional scheduler set to None
+    samples (the official Euler steps, as the default scheduler does), saves and loads as None."""
+    pipe = Tuna2Pipeline(model=tiny_model(tokenizer), processor=build_processor(tokenizer))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", num_inference_steps=3, output_type="latent", **SIZE)
+    with_scheduler = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.scheduler = None
+    output = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (output - with_scheduler).abs().max() <= 1e-5
+
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == [None, None]
+    assert not (tmp_path / "scheduler").exists()
+    loaded = Tuna2Pipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler is None
+    assert torch.equal(loaded(generator=torch.Generator().manual_seed(0), **kwargs).images, output)

@@ -93,9 +93,11 @@ FOLDER_IMPORTS = {
     "from transformers_tuna2.flow_matching import ": "from .flow_matching import ",
     "from transformers_tuna2.processing_tuna2 import ": "from .processing_tuna2 import ",
     "\nlogger = logging.get_logger(__name__)\n": (
-        "\n# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class once\n"
-        "# registered (as importing `transformers_tuna2` registers the package's).\n"
-        'AutoImageProcessor.register(Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True)\n'
+        "\n# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class\n"
+        "# once registered (as importing `transformers_tuna2` registers the package's).\n"
+        "AutoImageProcessor.register(\n"
+        '    Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True\n'
+        ")\n"
         "logger = logging.get_logger(__name__)\n"
     ),
 }
@@ -260,7 +262,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         model ([`Tuna2ForConditionalGeneration`]): the Tuna-2 model (shared with understanding; not copied).
         processor ([`Tuna2Processor`]): owns the sequence layout.
         scheduler ([`SchedulerMixin`], *optional*): a flow-matching scheduler working in sigma = 1 - t;
-            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler.
+            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler. Set to `None` after
+            construction (diffusers' optional component left out), the pipeline takes the official Euler steps
+            itself, and saves and loads without a scheduler.
         negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
             negative prompts for text-to-image and editing (saved in `model_index.json`). A model trained with
             caption dropout uses `""`.
@@ -339,7 +343,13 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 kwargs["model"] = Tuna2ForConditionalGeneration.from_pretrained(
                     path, variant=kwargs.pop("variant"), dtype=model_dtype, **model_options
                 )
-            return super().from_pretrained(path, **kwargs)
+            pipeline = super().from_pretrained(path, **kwargs)
+            # diffusers hands a component saved as absent (`[null, null]`) to `__init__` as None, which builds the
+            # default scheduler there: the folder's pipeline had none.
+            saved_scheduler = json.loads((path / MODEL_INDEX).read_text()).get("scheduler", [None])
+            if saved_scheduler[0] is None and "scheduler" not in kwargs:
+                pipeline.scheduler = None
+            return pipeline
         kwargs.pop("dtype", None)
         pipeline_options = {
             key: kwargs.pop(key) for key in inspect.signature(cls.__init__).parameters if key in kwargs
@@ -367,7 +377,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         if local_files_only:
             filenames = None
         else:
-            filenames = list_repo_files(repo_id, **{k: hub_options[k] for k in ("revision", "token") if k in hub_options})
+            listing_options = {key: hub_options[key] for key in ("revision", "token") if key in hub_options}
+            filenames = list_repo_files(repo_id, **listing_options)
         allow_patterns = hub_allow_patterns(filenames, variant, use_safetensors)
         return Path(
             snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=local_files_only, **hub_options)
@@ -458,8 +469,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    @staticmethod
-    def save_pipeline_code(save_directory: str | os.PathLike):
+    @classmethod
+    def save_pipeline_code(cls, save_directory: str | os.PathLike):
         """Writes this module (its imports of `transformers_tuna2` turned to the model code saved in the folder) and
         the modules it imports from this package into `save_directory`.
 
@@ -473,7 +484,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             raise FileNotFoundError(f"the model's code is missing from {save_directory}: {', '.join(missing)}")
         # diffusers copies into its module cache only the modules a local pipeline file imports itself, so the copy
         # also imports those the model's code imports.
-        model_code = {Path(name).stem for code in MODEL_CODE for name in get_relative_import_files(save_directory / code)}
+        model_code = {
+            Path(name).stem for code in MODEL_CODE for name in get_relative_import_files(save_directory / code)
+        }
         indirect = sorted(model_code - {Path(code).stem for code in MODEL_CODE})
         folder_imports = dict(FOLDER_IMPORTS)
         folder_imports[FIRST_PACKAGE_IMPORT] = folder_imports[FIRST_PACKAGE_IMPORT] + "".join(
@@ -485,7 +498,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             if package_import not in source:
                 raise RuntimeError(f"{PIPELINE_MODULE}.py no longer imports {package_import.strip()!r}")
             source = source.replace(package_import, folder_import)
-        (save_directory / f"{PIPELINE_MODULE}.py").write_text(source)
+        header = (
+            f"# Written by `{cls.__name__}.save_pretrained(..., save_pipeline_code=True)` from `diffusers_tuna2`'s\n"
+            f"# {PIPELINE_MODULE}.py, its imports of `transformers_tuna2` turned to the model code of this folder.\n"
+            "# ruff: noqa: I001\n"
+        )
+        (save_directory / f"{PIPELINE_MODULE}.py").write_text(header + source)
         for helper in PIPELINE_HELPERS:
             (save_directory / helper).write_text((Path(__file__).parent / helper).read_text())
 
@@ -679,7 +697,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         def repeat(rows: torch.Tensor) -> torch.Tensor:
             return rows.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
-        layout = dict(height=height, width=width, editing=images is not None, classifier_free_guidance=bool(negative_prompt))
+        layout = dict(
+            height=height, width=width, editing=images is not None, classifier_free_guidance=bool(negative_prompt)
+        )
         roles_per_row = inputs["image_roles"].view(len(texts), -1)
         prefix_ids, prefix_mask, span_ids = inputs["input_ids"], inputs["attention_mask"], inputs["span_ids"]
         if not use_prefix_cache:
@@ -873,16 +893,22 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             )
         num_images = self.num_images(prompt_embeds)
         latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
-        sigmas = self.sigmas(num_inference_steps, dtype)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
+        if self.scheduler is not None:
+            sigmas = self.sigmas(num_inference_steps, dtype)
+            timesteps, num_inference_steps = retrieve_timesteps(
+                self.scheduler, num_inference_steps, device, sigmas=sigmas
+            )
+            times = 1 - timesteps.float() / self.scheduler.config.num_train_timesteps
+        else:  # the official sampler's own Euler steps on its grid; the callbacks get the times t
+            grid = timestep_grid(num_inference_steps, dtype).to(device)
+            times = timesteps = grid[:-1]
         self._num_timesteps = len(timesteps)
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, timestep in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                t = 1 - timestep.float() / num_train_timesteps
+                t = times[i]
                 states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
                 # One row of logits, which denoising does not read.
                 x0 = self.model(**self.step_inputs(prompt_embeds, states, t), logits_to_keep=1).x0
@@ -891,9 +917,11 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 if self.do_classifier_free_guidance:
                     x0_cond, x0_uncond = x0.chunk(2)
                     x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
-                # The scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v.
-                model_output = -velocity(x0, latents, t, self.model.config.t_eps)
-                latents = self.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
+                v = velocity(x0, latents, t, self.model.config.t_eps)
+                if self.scheduler is None:
+                    latents = latents + (grid[i + 1] - t) * v
+                else:  # the scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v
+                    latents = self.scheduler.step(-v, timestep, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:

@@ -153,7 +153,8 @@ def read_lora_file(
             if local.is_file():
                 weight_file = local
             elif not path.is_dir() and file_exists(
-                str(pretrained_model_name_or_path), "/".join(filter(None, [hub_options.get("subfolder"), name])),
+                str(pretrained_model_name_or_path),
+                "/".join(filter(None, [hub_options.get("subfolder"), name])),
                 **exists_options,
             ):
                 weight_file = Path(hf_hub_download(str(pretrained_model_name_or_path), name, **hub_options))

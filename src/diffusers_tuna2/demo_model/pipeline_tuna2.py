@@ -1,3 +1,6 @@
+# Written by `Tuna2Pipeline.save_pretrained(..., save_pipeline_code=True)` from `diffusers_tuna2`'s
+# pipeline_tuna2.py, its imports of `transformers_tuna2` turned to the model code of this folder.
+# ruff: noqa: I001
 """Tuna2Pipeline: text-to-image generation and image editing with Tuna-2, on the weights of the transformers model.
 
 Sampling follows the official JiT sampler (t=1 is clean): `z_0 = noise_scale * eps`, the linear grid
@@ -39,9 +42,11 @@ from .processing_tuna2 import generation_length
 from .defaults import EDIT_GUIDANCE_SCALE, GUIDANCE_SCALE, IMAGE_SIZE, NUM_INFERENCE_STEPS
 from .lora_tuna2 import Tuna2LoraLoaderMixin
 
-# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class once
-# registered (as importing `transformers_tuna2` registers the package's).
-AutoImageProcessor.register(Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True)
+# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class
+# once registered (as importing `transformers_tuna2` registers the package's).
+AutoImageProcessor.register(
+    Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True
+)
 logger = logging.get_logger(__name__)
 
 # The official default negative prompts (configs/predict/t2i.yaml and configs/predict/edit.yaml).
@@ -102,9 +107,11 @@ FOLDER_IMPORTS = {
     "from .flow_matching import ": "from .flow_matching import ",
     "from .processing_tuna2 import ": "from .processing_tuna2 import ",
     "\nlogger = logging.get_logger(__name__)\n": (
-        "\n# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class once\n"
-        "# registered (as importing `transformers_tuna2` registers the package's).\n"
-        'AutoImageProcessor.register(Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True)\n'
+        "\n# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class\n"
+        "# once registered (as importing `transformers_tuna2` registers the package's).\n"
+        "AutoImageProcessor.register(\n"
+        '    Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True\n'
+        ")\n"
         "logger = logging.get_logger(__name__)\n"
     ),
 }
@@ -243,13 +250,20 @@ class Tuna2EncodedPrompt:
             `TARGET` for each image being generated, `CONDITION` for an edit source.
         condition_pixel_values (`torch.Tensor` of shape `(num_conditions, 3, height, width)`, *optional*): the clean
             edit sources of `input_ids`.
+        height (`int`), width (`int`): the size of the images the span is laid out for.
+        editing (`bool`): whether the sequences hold an edit source.
+        classifier_free_guidance (`bool`): whether the second half of the rows are the negative prompts'.
         past_key_values ([`Tuna2Cache`], *optional*): the prefix's keys and values, cut back to the prefix after
-            every step.
+            every step (so that the encoded prompt serves several calls).
     """
 
     input_ids: torch.LongTensor
     attention_mask: torch.LongTensor
     image_roles: torch.LongTensor
+    height: int
+    width: int
+    editing: bool
+    classifier_free_guidance: bool
     condition_pixel_values: torch.Tensor | None = None
     past_key_values: Tuna2Cache | None = None
 
@@ -262,7 +276,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         model ([`Tuna2ForConditionalGeneration`]): the Tuna-2 model (shared with understanding; not copied).
         processor ([`Tuna2Processor`]): owns the sequence layout.
         scheduler ([`SchedulerMixin`], *optional*): a flow-matching scheduler working in sigma = 1 - t;
-            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler.
+            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler. Set to `None` after
+            construction (diffusers' optional component left out), the pipeline takes the official Euler steps
+            itself, and saves and loads without a scheduler.
         negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
             negative prompts for text-to-image and editing (saved in `model_index.json`). A model trained with
             caption dropout uses `""`.
@@ -341,7 +357,13 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 kwargs["model"] = Tuna2ForConditionalGeneration.from_pretrained(
                     path, variant=kwargs.pop("variant"), dtype=model_dtype, **model_options
                 )
-            return super().from_pretrained(path, **kwargs)
+            pipeline = super().from_pretrained(path, **kwargs)
+            # diffusers hands a component saved as absent (`[null, null]`) to `__init__` as None, which builds the
+            # default scheduler there: the folder's pipeline had none.
+            saved_scheduler = json.loads((path / MODEL_INDEX).read_text()).get("scheduler", [None])
+            if saved_scheduler[0] is None and "scheduler" not in kwargs:
+                pipeline.scheduler = None
+            return pipeline
         kwargs.pop("dtype", None)
         pipeline_options = {
             key: kwargs.pop(key) for key in inspect.signature(cls.__init__).parameters if key in kwargs
@@ -369,7 +391,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         if local_files_only:
             filenames = None
         else:
-            filenames = list_repo_files(repo_id, **{k: hub_options[k] for k in ("revision", "token") if k in hub_options})
+            listing_options = {key: hub_options[key] for key in ("revision", "token") if key in hub_options}
+            filenames = list_repo_files(repo_id, **listing_options)
         allow_patterns = hub_allow_patterns(filenames, variant, use_safetensors)
         return Path(
             snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=local_files_only, **hub_options)
@@ -460,8 +483,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    @staticmethod
-    def save_pipeline_code(save_directory: str | os.PathLike):
+    @classmethod
+    def save_pipeline_code(cls, save_directory: str | os.PathLike):
         """Writes this module (its imports of `transformers_tuna2` turned to the model code saved in the folder) and
         the modules it imports from this package into `save_directory`.
 
@@ -475,7 +498,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             raise FileNotFoundError(f"the model's code is missing from {save_directory}: {', '.join(missing)}")
         # diffusers copies into its module cache only the modules a local pipeline file imports itself, so the copy
         # also imports those the model's code imports.
-        model_code = {Path(name).stem for code in MODEL_CODE for name in get_relative_import_files(save_directory / code)}
+        model_code = {
+            Path(name).stem for code in MODEL_CODE for name in get_relative_import_files(save_directory / code)
+        }
         indirect = sorted(model_code - {Path(code).stem for code in MODEL_CODE})
         folder_imports = dict(FOLDER_IMPORTS)
         folder_imports[FIRST_PACKAGE_IMPORT] = folder_imports[FIRST_PACKAGE_IMPORT] + "".join(
@@ -487,7 +512,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             if package_import not in source:
                 raise RuntimeError(f"{PIPELINE_MODULE}.py no longer imports {package_import.strip()!r}")
             source = source.replace(package_import, folder_import)
-        (save_directory / f"{PIPELINE_MODULE}.py").write_text(source)
+        header = (
+            f"# Written by `{cls.__name__}.save_pretrained(..., save_pipeline_code=True)` from `diffusers_tuna2`'s\n"
+            f"# {PIPELINE_MODULE}.py, its imports of `transformers_tuna2` turned to the model code of this folder.\n"
+            "# ruff: noqa: I001\n"
+        )
+        (save_directory / f"{PIPELINE_MODULE}.py").write_text(header + source)
         for helper in PIPELINE_HELPERS:
             (save_directory / helper).write_text((Path(__file__).parent / helper).read_text())
 
@@ -558,30 +588,23 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         generator,
         output_type,
         callback_on_step_end_tensor_inputs,
+        prompt_embeds=None,
     ):
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if len(prompts) == 0:
-            raise ValueError("`prompt` is an empty list")
-        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
-        if image is not None:
-            images = image if isinstance(image, list) else [image]
-            for item in images:
-                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
-                    raise ValueError(
-                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
-                        f"got {type(item).__name__}"
-                    )
-            if len(images) not in (1, len(prompts)):
-                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+        if prompt_embeds is not None:
+            self.check_prompt_embeds(
+                prompt, negative_prompt, image, num_images_per_prompt, guidance_scale, prompt_embeds
+            )
+            editing, total = prompt_embeds.editing, self.num_images(prompt_embeds)
+        else:
+            self.check_prompt(prompt, negative_prompt, image)
+            editing = image is not None
+            total = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         patch_size = self.model.config.patch_size
         if height <= 0 or width <= 0 or height % patch_size or width % patch_size:
             raise ValueError(
                 f"height and width must be positive multiples of the patch size {patch_size}, got {height}x{width}"
             )
-        needed = generation_length(self.processor.num_span_slots(height, width), editing=image is not None)
+        needed = generation_length(self.processor.num_span_slots(height, width), editing=editing)
         max_positions = self.model.config.text_config.max_position_embeddings
         if needed > max_positions:
             raise ValueError(
@@ -600,7 +623,6 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             raise ValueError(f"`guidance_scale` must be >= 0 and a finite number, got {guidance_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}")
-        total = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt)")
         if output_type not in OUTPUT_TYPES:
@@ -608,6 +630,56 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {unknown}")
+
+    @staticmethod
+    def check_prompt(prompt, negative_prompt, image):
+        if prompt is None:
+            raise ValueError(
+                "Provide either `prompt` or `prompt_embeds`. Cannot leave both `prompt` and `prompt_embeds` undefined."
+            )
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if len(prompts) == 0:
+            raise ValueError("`prompt` is an empty list")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
+        if image is not None:
+            images = image if isinstance(image, list) else [image]
+            for item in images:
+                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
+                    raise ValueError(
+                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
+                        f"got {type(item).__name__}"
+                    )
+            if len(images) not in (1, len(prompts)):
+                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+
+    @staticmethod
+    def check_prompt_embeds(prompt, negative_prompt, image, num_images_per_prompt, guidance_scale, prompt_embeds):
+        """The prompts, negative prompts, edit sources and repeats are in `prompt_embeds` ([`encode_prompt`])."""
+        if prompt is not None:
+            raise ValueError(
+                f"Cannot forward both `prompt`: {prompt} and `prompt_embeds`. Please make sure to only forward one of "
+                "the two."
+            )
+        for name, value in (("negative_prompt", negative_prompt), ("image", image)):
+            if value is not None:
+                raise ValueError(f"`{name}` is encoded in `prompt_embeds`: pass it to `encode_prompt`")
+        if num_images_per_prompt != 1:
+            raise ValueError("`num_images_per_prompt` is encoded in `prompt_embeds`: pass it to `encode_prompt`")
+        if prompt_embeds.classifier_free_guidance != (guidance_scale != 1.0):
+            held = "holds negative prompts" if prompt_embeds.classifier_free_guidance else "holds no negative prompt"
+            raise ValueError(
+                f"`prompt_embeds` {held}, which guidance_scale={guidance_scale} does not match: encode with "
+                f"`negative_prompt` for guidance_scale != 1, without for 1"
+            )
+
+    @staticmethod
+    def num_images(prompt_embeds: Tuna2EncodedPrompt) -> int:
+        """The number of images `prompt_embeds` draws (its rows, less the negative ones)."""
+        targets = int((prompt_embeds.image_roles == Tuna2ImageRole.TARGET).sum())
+        return targets // 2 if prompt_embeds.classifier_free_guidance else targets
 
     def encode_prompt(
         self,
@@ -639,6 +711,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         def repeat(rows: torch.Tensor) -> torch.Tensor:
             return rows.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
+        layout = dict(
+            height=height, width=width, editing=images is not None, classifier_free_guidance=bool(negative_prompt)
+        )
         roles_per_row = inputs["image_roles"].view(len(texts), -1)
         prefix_ids, prefix_mask, span_ids = inputs["input_ids"], inputs["attention_mask"], inputs["span_ids"]
         if not use_prefix_cache:
@@ -646,7 +721,11 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
             conditions = repeat(inputs["pixel_values"]) if sources is not None else None
             return Tuna2EncodedPrompt(
-                repeat(input_ids), repeat(attention_mask), repeat(roles_per_row).flatten(), conditions
+                input_ids=repeat(input_ids),
+                attention_mask=repeat(attention_mask),
+                image_roles=repeat(roles_per_row).flatten(),
+                condition_pixel_values=conditions,
+                **layout,
             )
         cache = Tuna2Cache(config=self.model.config)
         self.model(
@@ -664,6 +743,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             attention_mask=torch.cat([repeat(prefix_mask), torch.ones_like(span_ids)], dim=1),
             image_roles=repeat(roles_per_row[:, -1:]).flatten(),
             past_key_values=cache,
+            **layout,
         )
 
     def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
@@ -718,7 +798,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         image=None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
@@ -734,10 +814,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         use_prefix_cache: bool = True,
+        prompt_embeds: Tuna2EncodedPrompt | None = None,
     ):
         r"""
         Args:
-            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed.
+            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed. Not with
+                `prompt_embeds`.
             image (PIL image, `np.ndarray`, `torch.Tensor`, a file path or URL, or a list, *optional*): image(s) to
                 edit (one for all prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or
                 float in [0, 1].
@@ -764,6 +846,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
             use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
+            prompt_embeds ([`Tuna2EncodedPrompt`], *optional*): what [`encode_prompt`] returned, in place of
+                `prompt`, `negative_prompt`, `image` and `num_images_per_prompt` (the size and the prefix cache are
+                the encoded ones); it serves any number of calls.
         """
         if self.model.training and use_prefix_cache and self.model_is_checkpointing():
             raise ValueError(
@@ -775,7 +860,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 "the model is in training mode: masked image modelling and dropout change its predictions; call "
                 "pipe.model.eval() before sampling"
             )
-        editing = image is not None
+        editing = image is not None if prompt_embeds is None else prompt_embeds.editing
+        if prompt_embeds is not None:
+            height, width = prompt_embeds.height, prompt_embeds.width
         height, width = self.image_size(height, width)
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
@@ -792,6 +879,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             generator,
             output_type,
             callback_on_step_end_tensor_inputs,
+            prompt_embeds,
         )
         self._guidance_scale = guidance_scale
         self._cfg_interval = cfg_interval
@@ -799,47 +887,55 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         device = self._execution_device
         dtype = self.model.dtype
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
-        images = None
-        if editing:
-            images = image if isinstance(image, list) else [image]
-            images = images * len(prompts) if len(images) == 1 else images
-
-        prompt_inputs = self.encode_prompt(
-            prompts,
-            negative_prompt if self.do_classifier_free_guidance else None,
-            height,
-            width,
-            images,
-            device,
-            use_prefix_cache,
-            num_images_per_prompt,
-        )
-        num_images = len(prompts) * num_images_per_prompt
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if negative_prompt is None:
+                negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
+            images = None
+            if editing:
+                images = image if isinstance(image, list) else [image]
+                images = images * len(prompts) if len(images) == 1 else images
+            prompt_embeds = self.encode_prompt(
+                prompts,
+                negative_prompt if self.do_classifier_free_guidance else None,
+                height,
+                width,
+                images,
+                device,
+                use_prefix_cache,
+                num_images_per_prompt,
+            )
+        num_images = self.num_images(prompt_embeds)
         latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
-        sigmas = self.sigmas(num_inference_steps, dtype)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
+        if self.scheduler is not None:
+            sigmas = self.sigmas(num_inference_steps, dtype)
+            timesteps, num_inference_steps = retrieve_timesteps(
+                self.scheduler, num_inference_steps, device, sigmas=sigmas
+            )
+            times = 1 - timesteps.float() / self.scheduler.config.num_train_timesteps
+        else:  # the official sampler's own Euler steps on its grid; the callbacks get the times t
+            grid = timestep_grid(num_inference_steps, dtype).to(device)
+            times = timesteps = grid[:-1]
         self._num_timesteps = len(timesteps)
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, timestep in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                t = 1 - timestep.float() / num_train_timesteps
+                t = times[i]
                 states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
                 # One row of logits, which denoising does not read.
-                x0 = self.model(**self.step_inputs(prompt_inputs, states, t), logits_to_keep=1).x0
-                if prompt_inputs.past_key_values is not None:
-                    prompt_inputs.past_key_values.crop(-prompt_inputs.input_ids.shape[1])
+                x0 = self.model(**self.step_inputs(prompt_embeds, states, t), logits_to_keep=1).x0
+                if prompt_embeds.past_key_values is not None:
+                    prompt_embeds.past_key_values.crop(-prompt_embeds.input_ids.shape[1])
                 if self.do_classifier_free_guidance:
                     x0_cond, x0_uncond = x0.chunk(2)
                     x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
-                # The scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v.
-                model_output = -velocity(x0, latents, t, self.model.config.t_eps)
-                latents = self.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
+                v = velocity(x0, latents, t, self.model.config.t_eps)
+                if self.scheduler is None:
+                    latents = latents + (grid[i + 1] - t) * v
+                else:  # the scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v
+                    latents = self.scheduler.step(-v, timestep, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
