@@ -114,3 +114,14 @@ def test_loads_where_the_package_is_not_installed(tmp_path, path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "loaded diffusers_modules.local.pipeline_tuna2" in result.stdout
+
+
+def test_the_readme_example_runs_as_written():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = next(
+        block for block in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "demo_model_path()" in block
+        and "DiffusionPipeline.from_pretrained" in block
+    )  # fmt: skip
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert type(namespace["pipe"]).__name__ == "Tuna2Pipeline" and namespace["image"].size == (48, 48)
