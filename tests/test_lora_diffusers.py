@@ -229,6 +229,55 @@ def test_file_layout_is_diffusers_and_peft_folders_still_load(sft_run, base_fold
 
 def test_loading_a_lora_without_peft_says_so(monkeypatch, tokenizer):
     pipe = Tuna2Pipeline(model=tiny_model(tokenizer), processor=build_processor(tokenizer))
-    monkeypatch.setattr("diffusers_tuna2.pipeline_tuna2.is_peft_available", lambda: False)
+    monkeypatch.setattr("diffusers_tuna2.lora_tuna2.is_peft_available", lambda: False)
     with pytest.raises(ValueError, match=r"^loading a LoRA needs PEFT: pip install peft"):
         pipe.load_lora_weights("some/folder")
+
+
+@pytest.mark.parametrize("module", ["diffusers_tuna2.lora_tuna2", "diffusers_tuna2.pipeline_tuna2"])
+def test_loaders_use_only_public_names_of_diffusers_and_peft(module):
+    """Private helpers of diffusers change without notice between releases (the package has no upper bound)."""
+    import ast
+    import importlib
+
+    tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("diffusers", "peft")
+        for alias in node.names
+        if alias.name.startswith("_") or any(part.startswith("_") for part in node.module.split("."))
+    ]
+    assert private == []
+
+
+def test_a_lora_without_metadata_gets_its_ranks_from_the_weights(base_folder, tmp_path):
+    """Without the config in the file's metadata, the ranks are read from the weights, a rank per module when they
+    differ (`rank_pattern`), with `lora_alpha = r` as diffusers assumes."""
+    torch.manual_seed(3)
+    targets = lora_target_modules("llm")
+    config = LoraConfig(
+        r=2, lora_alpha=2, target_modules=targets, rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 4},
+        init_lora_weights=False,
+    )  # fmt: skip
+    peft_model = get_peft_model(Tuna2Pipeline.from_pretrained(base_folder).model, config)
+    Tuna2Pipeline.save_lora_weights(tmp_path / "with", model_lora_layers=peft_model)
+    state_dict = Tuna2Pipeline.lora_state_dict(tmp_path / "with")
+    save_file(state_dict, tmp_path / "bare.safetensors")  # no metadata
+    with_metadata, bare = base_pipeline(base_folder), base_pipeline(base_folder)
+    with_metadata.load_lora_weights(tmp_path / "with")
+    bare.load_lora_weights(tmp_path / "bare.safetensors")
+    assert bare.model.peft_config["default_0"].rank_pattern  # the q_proj ranks differ from the others
+    torch.testing.assert_close(generate(bare), generate(with_metadata), rtol=0, atol=0)
+    assert not torch.allclose(generate(bare), generate(base_pipeline(base_folder)), atol=1e-3)
+
+
+def test_loading_a_lora_under_group_offloading_says_to_load_it_first(base_folder, sft_run):
+    from diffusers.hooks import apply_group_offloading
+
+    output, _ = sft_run
+    pipe = base_pipeline(base_folder)
+    apply_group_offloading(pipe.model, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    with pytest.raises(ValueError, match="^load LoRAs before enabling group offloading"):
+        pipe.load_lora_weights(output)
+    assert not hasattr(pipe.model, "peft_config")

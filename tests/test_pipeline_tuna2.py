@@ -103,8 +103,8 @@ def test_default_guidance_and_negative_prompts(pipe):
         del pipe.encode_prompt
     from diffusers_tuna2 import DEFAULT_EDIT_NEGATIVE_PROMPT, DEFAULT_NEGATIVE_PROMPT
 
-    assert calls[0] == [DEFAULT_NEGATIVE_PROMPT] and calls[1] == [DEFAULT_EDIT_NEGATIVE_PROMPT]
-    assert calls[2] == [""] and calls[3] is None
+    assert calls[0] == DEFAULT_NEGATIVE_PROMPT and calls[1] == DEFAULT_EDIT_NEGATIVE_PROMPT
+    assert calls[2] == "" and calls[3] is None
 
 
 # ---------------------------------------------------------------------------------------------------- callbacks
@@ -199,7 +199,7 @@ def test_checkpoint_default_negative_prompts_and_size(tmp_path, tokenizer):
         seen.append(negatives) or original(prompts, negatives, *args)
     )
     image = loaded("a circle", num_inference_steps=1).images[0]
-    assert seen == [[""]] and image.size == (48, 32)  # the processor's fixed size when none is given
+    assert seen == [""] and image.size == (48, 32)  # the processor's fixed size when none is given
 
 
 def test_pipeline_shares_the_models_tensors(tokenizer):
@@ -232,7 +232,8 @@ def test_dtype_argument(tmp_path, pipe):
         (dict(guidance_scale=-1.0), "`guidance_scale` must be >= 0"),
         (dict(num_inference_steps=0), "`num_inference_steps` must be an integer >= 1"),
         (dict(output_type="jpeg"), "`output_type` must be one of"),
-        (dict(prompt=None), "`prompt` must be a string or a list of strings"),
+        (dict(prompt=None), "Provide either `prompt` or `prompt_embeds`"),
+        (dict(prompt=3), "`prompt` must be a string or a list of strings"),
         (dict(latents=torch.zeros(1, 3, 8, 8)), "`latents` must have shape"),
     ],
 )
@@ -247,10 +248,12 @@ def test_hub_id_is_downloaded_first(tmp_path, pipe, monkeypatch):
     pipe.save_pretrained(tmp_path / "snapshot")
     requested = []
 
-    def fake_snapshot_download(repo_id):
+    def fake_snapshot_download(repo_id, **options):
         requested.append(repo_id)
         return str(tmp_path / "snapshot")
 
+    files = [p.relative_to(tmp_path / "snapshot").as_posix() for p in (tmp_path / "snapshot").rglob("*")]
+    monkeypatch.setattr("diffusers_tuna2.pipeline_tuna2.list_repo_files", lambda repo_id, **options: files)
     monkeypatch.setattr("diffusers_tuna2.pipeline_tuna2.snapshot_download", fake_snapshot_download)
     loaded = Tuna2Pipeline.from_pretrained("someone/tuna2-tiny")
     assert requested == ["someone/tuna2-tiny"]

@@ -7,11 +7,20 @@ import importlib
 _LAZY_IMPORTS = {
     "DEFAULT_EDIT_NEGATIVE_PROMPT": ".pipeline_tuna2",
     "DEFAULT_NEGATIVE_PROMPT": ".pipeline_tuna2",
+    "Tuna2EncodedPrompt": ".pipeline_tuna2",
+    "Tuna2LoraLoaderMixin": ".lora_tuna2",
     "Tuna2Pipeline": ".pipeline_tuna2",
     "demo_model_path": ".demo",
 }
 
-__all__ = ["DEFAULT_EDIT_NEGATIVE_PROMPT", "DEFAULT_NEGATIVE_PROMPT", "Tuna2Pipeline", "demo_model_path"]
+__all__ = [
+    "DEFAULT_EDIT_NEGATIVE_PROMPT",
+    "DEFAULT_NEGATIVE_PROMPT",
+    "Tuna2EncodedPrompt",
+    "Tuna2LoraLoaderMixin",
+    "Tuna2Pipeline",
+    "demo_model_path",
+]
 
 
 def __getattr__(name: str):

@@ -5,12 +5,12 @@ Sampling follows the official JiT sampler (t=1 is clean): `z_0 = noise_scale * e
 `v = (x0 - z) / max(1 - t, t_eps)`, Euler steps, and the final state (not the last x0) as the image.
 """
 
-import contextlib
 import inspect
 import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,24 +19,19 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.loaders.lora_base import (
-    LORA_WEIGHT_NAME_SAFE,
-    LoraBaseMixin,
-    _fetch_state_dict,
-    _func_optionally_disable_offloading,
-)
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_peft_available, logging
-from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
+from diffusers.utils import logging
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
+from huggingface_hub import create_repo, list_repo_files, snapshot_download, upload_folder
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
 from transformers_tuna2.processing_tuna2 import generation_length
 
-from . import defaults
+from .defaults import EDIT_GUIDANCE_SCALE, GUIDANCE_SCALE, IMAGE_SIZE, NUM_INFERENCE_STEPS
+from .lora_tuna2 import Tuna2LoraLoaderMixin
 
 logger = logging.get_logger(__name__)
 
@@ -67,79 +62,105 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
 OFFICIAL_SAMPLING = {
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "edit_negative_prompt": DEFAULT_EDIT_NEGATIVE_PROMPT,
-    "guidance_scale": defaults.GUIDANCE_SCALE,
-    "edit_guidance_scale": defaults.EDIT_GUIDANCE_SCALE,
+    "guidance_scale": GUIDANCE_SCALE,
+    "edit_guidance_scale": EDIT_GUIDANCE_SCALE,
 }
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# `save_pretrained(..., save_pipeline_code=True)` writes this module into the folder, where `model_index.json`'s
+# `_class_name` names it as `[module, class]` (diffusers' mechanism for pipelines outside its namespace), with the
+# modules it imports from this package. Its imports of the model's package become imports of the model's code that
+# transformers saves beside the weights, so that the folder loads where only diffusers and transformers are.
+PIPELINE_MODULE = "pipeline_tuna2"
+PIPELINE_HELPERS = ("defaults.py", "lora_tuna2.py")
+MODEL_CODE = (
+    "configuration_tuna2.py",
+    "image_processing_tuna2.py",
+    "modeling_tuna2.py",
+    "processing_tuna2.py",
+    "flow_matching.py",
+)
+FIRST_PACKAGE_IMPORT = (
+    "from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor\n"
+)
+FOLDER_IMPORTS = {
+    FIRST_PACKAGE_IMPORT: (
+        "from transformers import AutoImageProcessor\n\n"
+        "from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole\n"
+        "from .image_processing_tuna2 import Tuna2ImageProcessor\n"
+        "from .modeling_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration\n"
+        "from .processing_tuna2 import Tuna2Processor\n"
+    ),
+    "from transformers_tuna2.flow_matching import ": "from .flow_matching import ",
+    "from transformers_tuna2.processing_tuna2 import ": "from .processing_tuna2 import ",
+    "\nlogger = logging.get_logger(__name__)\n": (
+        "\n# The processor loads its image processor through `AutoImageProcessor`, which knows the folder's class\n"
+        "# once registered (as importing `transformers_tuna2` registers the package's).\n"
+        "AutoImageProcessor.register(\n"
+        '    Tuna2Config, image_processor_classes={"pil": Tuna2ImageProcessor}, exist_ok=True\n'
+        ")\n"
+        "logger = logging.get_logger(__name__)\n"
+    ),
+}
 # What `from_pretrained` hands to the hub download, and to the model's own loading.
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 MODEL_LOADING_OPTIONS = ("use_safetensors", "device_map", "quantization_config", "low_cpu_mem_usage")
 MODEL_INDEX = "model_index.json"
+# What a hub download brings besides the model's weights: configs, processor and tokenizer files, the scheduler and
+# code saved with the checkpoint. Weights are chosen by `hub_allow_patterns`.
+HUB_FILES = (
+    MODEL_INDEX,
+    "config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "scheduler/*",
+    "*.py",
+)
+# transformers' weight files: `model.safetensors`, `model.fp16-00001-of-00002.safetensors`, `pytorch_model.bin`,
+# and their indexes `model.safetensors.index.json`, `model.safetensors.index.fp16.json`.
+WEIGHT_FILE = re.compile(
+    r"^(?:model|pytorch_model)(?:\.(?P<variant>[\w]+))?(?:-\d+-of-\d+)?\.(?P<format>safetensors|bin)$"
+    r"|^(?:model|pytorch_model)\.(?P<index_format>safetensors|bin)\.index(?:\.(?P<index_variant>\w+))?\.json$"
+)
 COMPONENTS = ("model", "processor", "scheduler")
-PEFT_CONFIG_NAME = "adapter_config.json"
 
 
-def lora_module(key: str) -> str | None:
-    """The module a LoRA weight belongs to (`a.b.q_proj` for `a.b.q_proj.lora_A.weight`); None for a key that is not
-    a LoRA weight."""
-    module, sep, _ = key.partition(".lora_")
-    return module if sep else None
-
-
-def lora_layers_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], "peft.LoraConfig"]:  # noqa: F821
-    """The PEFT state dict (module paths of the Tuna-2 model, no adapter name) and the config of the one active
-    adapter of a `PeftModel` or of a model with adapters loaded through transformers' PEFT integration."""
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-
-    names = model.active_adapters if isinstance(model, PeftModel) else model.active_adapters()
-    if len(names) != 1:
-        raise ValueError(f"the model has {len(names)} active adapters ({names}); activate one, or pass its state dict")
-    layers = get_peft_model_state_dict(model, adapter_name=names[0])
-    if isinstance(model, PeftModel):
-        layers = {key.removeprefix("base_model.model."): value for key, value in layers.items()}
-    return layers, model.peft_config[names[0]]
-
-
-def load_adapter(model: Tuna2ForConditionalGeneration, adapter_name: str, *args, **kwargs):
-    """`model.load_adapter(*args, adapter_name=..., **kwargs)` with a load report about this adapter only: with other
-    adapters loaded, transformers' own report lists their weights as missing from this one's checkpoint."""
-    from transformers.utils import logging as transformers_logging
-
-    peft_logger = transformers_logging.get_logger("transformers.integrations.peft")
-    level = peft_logger.level
-    peft_logger.setLevel(transformers_logging.ERROR)
-    try:
-        info = model.load_adapter(*args, adapter_name=adapter_name, **kwargs)
-    finally:
-        peft_logger.setLevel(level)
-    if info is None:
-        return
-    missing = sorted(key for key in info.missing_keys if f".{adapter_name}." in key)
-    unexpected = sorted(info.unexpected_keys)
-    for what, keys in (("left at their initial values", missing), ("not loaded", unexpected)):
-        if keys:
-            logger.warning(f"LoRA {adapter_name!r}: {len(keys)} weight(s) {what}: {', '.join(keys[:3])}")
-
-
-@contextlib.contextmanager
-def _lora_loading(pipeline):
-    """Takes accelerate's offloading hooks off the pipeline while adapters are injected, and puts them back after, as
-    diffusers' LoRA loaders do."""
-    model_offload, sequential_offload, group_offload = _func_optionally_disable_offloading(pipeline)
-    try:
-        yield
-    finally:
-        if model_offload:
-            pipeline.enable_model_cpu_offload()
-        elif sequential_offload:
-            pipeline.enable_sequential_cpu_offload()
-        elif group_offload:
-            from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
-            for component in pipeline.components.values():
-                if isinstance(component, torch.nn.Module):
-                    _maybe_remove_and_reapply_group_offloading(component)
+def hub_allow_patterns(
+    filenames: list[str] | None, variant: str | None = None, use_safetensors: bool | None = None
+) -> list[str]:
+    """The `allow_patterns` of a hub download of a pipeline folder, as diffusers builds them from the components:
+    [`HUB_FILES`] and the model's weight files (with their index) of `variant`, or the plain ones when the repo has
+    none of that variant, in safetensors when it has them (`use_safetensors=False`: pickled `.bin`). Without a file
+    list, patterns of the safetensors weights."""
+    if filenames is None:
+        stem = f"model.{variant}" if variant else "model"
+        weights = [f"{stem}.safetensors", f"{stem}-*-of-*.safetensors", "model.safetensors.index.json"]
+        if variant:
+            weights.append(f"model.safetensors.index.{variant}.json")
+        return [*HUB_FILES, *weights]
+    weights = {}  # (variant, format) -> files
+    for name in filenames:
+        match = WEIGHT_FILE.match(name)
+        if match:
+            key = (match["variant"] or match["index_variant"], match["format"] or match["index_format"])
+            weights.setdefault(key, []).append(name)
+    chosen_variant = variant if any(v == variant for v, _ in weights) else None
+    formats = {f for v, f in weights if v == chosen_variant}
+    if use_safetensors is False:
+        chosen_format = "bin"
+    elif "safetensors" in formats or use_safetensors:
+        chosen_format = "safetensors"
+    else:
+        chosen_format = "bin"
+    return [*HUB_FILES, *sorted(weights.get((chosen_variant, chosen_format), []))]
 
 
 # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.retrieve_timesteps
@@ -215,18 +236,25 @@ class Tuna2EncodedPrompt:
             `TARGET` for each image being generated, `CONDITION` for an edit source.
         condition_pixel_values (`torch.Tensor` of shape `(num_conditions, 3, height, width)`, *optional*): the clean
             edit sources of `input_ids`.
+        height (`int`), width (`int`): the size of the images the span is laid out for.
+        editing (`bool`): whether the sequences hold an edit source.
+        classifier_free_guidance (`bool`): whether the second half of the rows are the negative prompts'.
         past_key_values ([`Tuna2Cache`], *optional*): the prefix's keys and values, cut back to the prefix after
-            every step.
+            every step (so that the encoded prompt serves several calls).
     """
 
     input_ids: torch.LongTensor
     attention_mask: torch.LongTensor
     image_roles: torch.LongTensor
+    height: int
+    width: int
+    editing: bool
+    classifier_free_guidance: bool
     condition_pixel_values: torch.Tensor | None = None
     past_key_values: Tuna2Cache | None = None
 
 
-class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
+class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
     r"""
     Text-to-image generation and image editing with Tuna-2.
 
@@ -234,7 +262,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         model ([`Tuna2ForConditionalGeneration`]): the Tuna-2 model (shared with understanding; not copied).
         processor ([`Tuna2Processor`]): owns the sequence layout.
         scheduler ([`SchedulerMixin`], *optional*): a flow-matching scheduler working in sigma = 1 - t;
-            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler.
+            [`FlowMatchEulerDiscreteScheduler`] (the default) reproduces the official sampler. Set to `None` after
+            construction (diffusers' optional component left out), the pipeline takes the official Euler steps
+            itself, and saves and loads without a scheduler.
         negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
             negative prompts for text-to-image and editing (saved in `model_index.json`). A model trained with
             caption dropout uses `""`.
@@ -250,10 +280,6 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
     # leaves optional `__init__` arguments out of `components` unless they are listed here).
     _optional_components = ["scheduler"]
     _callback_tensor_inputs = ["latents"]
-    # LoRA (diffusers' `LoraBaseMixin`): the model is the one component that takes adapters; the keys of a
-    # diffusers-format LoRA file start with its name, as `transformer.` in the transformer pipelines.
-    _lora_loadable_modules = ["model"]
-    model_name = "model"
 
     def __init__(
         self,
@@ -293,24 +319,37 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         transformers alone (no `model_index.json`) gets the default scheduler and sampling settings."""
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
-            hub_options = {key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs}
-            path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub_options))
+            path = cls.download(
+                str(pretrained_model_name_or_path),
+                variant=kwargs.get("variant"),
+                use_safetensors=kwargs.get("use_safetensors"),
+                **{key: kwargs.pop(key) for key in HUB_OPTIONS if key in kwargs},
+            )
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         model_dtype = kwargs.get("dtype")
         if isinstance(model_dtype, dict):
             model_dtype = cls.model_dtype(model_dtype)
         variant = kwargs.get("variant")
-        # transformers would raise an OSError about a missing file; diffusers names the variant.
+        # transformers would raise an OSError about a missing file; diffusers names the variant, in these words.
         if variant is not None and not any(path.glob(f"*model.{variant}[.-]*")):
-            raise ValueError(f"no model weights of `variant={variant!r}` in {path}")
+            raise ValueError(
+                f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+                f"available in {path}."
+            )
         if (path / MODEL_INDEX).is_file():
             if variant is not None:  # diffusers looks for variants in component subfolders; the model is at the root
                 model_options = {key: kwargs.pop(key) for key in MODEL_LOADING_OPTIONS if key in kwargs}
                 kwargs["model"] = Tuna2ForConditionalGeneration.from_pretrained(
                     path, variant=kwargs.pop("variant"), dtype=model_dtype, **model_options
                 )
-            return super().from_pretrained(path, **kwargs)
+            pipeline = super().from_pretrained(path, **kwargs)
+            # diffusers hands a component saved as absent (`[null, null]`) to `__init__` as None, which builds the
+            # default scheduler there: the folder's pipeline had none.
+            saved_scheduler = json.loads((path / MODEL_INDEX).read_text()).get("scheduler", [None])
+            if saved_scheduler[0] is None and "scheduler" not in kwargs:
+                pipeline.scheduler = None
+            return pipeline
         kwargs.pop("dtype", None)
         pipeline_options = {
             key: kwargs.pop(key) for key in inspect.signature(cls.__init__).parameters if key in kwargs
@@ -320,6 +359,30 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             path, dtype=model_dtype, **kwargs
         )
         return cls(model=model, processor=processor, **pipeline_options)
+
+    @classmethod
+    def download(
+        cls,
+        repo_id: str,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        local_files_only: bool = False,
+        **hub_options,
+    ) -> Path:
+        """Downloads what loading the pipeline reads from a hub repo (diffusers' `DiffusionPipeline.download` for
+        this layout, the model at the root): the weights of `variant` (else the plain ones) in one format
+        (safetensors when there are, unless `use_safetensors=False`), configs, processor, tokenizer, scheduler and
+        saved code; other variants, the other format and other files (an official `.pt`, images) stay on the hub.
+        Offline (`local_files_only`), the repo's file list is unknown: the cached safetensors weights are read."""
+        if local_files_only:
+            filenames = None
+        else:
+            listing_options = {key: hub_options[key] for key in ("revision", "token") if key in hub_options}
+            filenames = list_repo_files(repo_id, **listing_options)
+        allow_patterns = hub_allow_patterns(filenames, variant, use_safetensors)
+        return Path(
+            snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=local_files_only, **hub_options)
+        )
 
     @staticmethod
     def model_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype:
@@ -351,201 +414,127 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
                     return saved
         return {}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        save_pipeline_code: bool = False,
+        **kwargs,
+    ):
         """Writes one folder for both libraries: the model (one copy of the weights), processor and tokenizer at the
-        root, the scheduler in `scheduler/`, and `model_index.json`."""
-        save_directory = Path(save_directory)
-        self.model.save_pretrained(save_directory, **kwargs)
-        self.processor.save_pretrained(save_directory)
-        self.save_scheduler_and_index(save_directory)
+        root, the scheduler in `scheduler/`, and `model_index.json`. With `push_to_hub`, the whole folder is then
+        uploaded in one commit, as diffusers does (`repo_id`, defaulting to the folder's name, `token`, `private`,
+        `create_pr` and `commit_message` as in `DiffusionPipeline.save_pretrained`).
 
-    def save_scheduler_and_index(self, save_directory: str | os.PathLike):
-        """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`.
-        `tuna2 convert` and `tuna2 init` (`diffusers_tuna2.conversion`) use it after the transformers converters."""
+        With `save_pipeline_code`, the folder also names its pipeline class the way diffusers' custom pipelines do
+        (`pipeline_tuna2.py` and `_class_name: ["pipeline_tuna2", "Tuna2Pipeline"]`), so that
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads a `Tuna2Pipeline` where this
+        package is installed."""
         save_directory = Path(save_directory)
-        self.scheduler.save_pretrained(save_directory / "scheduler")
+        if push_to_hub:
+            commit_message = kwargs.pop("commit_message", None)
+            create_pr = kwargs.pop("create_pr", False)
+            token = kwargs.pop("token", None)
+            private = kwargs.pop("private", None)
+            repo_id = kwargs.pop("repo_id", save_directory.name)
+            repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+        model_options = {"variant": variant}
+        if max_shard_size is not None:
+            model_options["max_shard_size"] = max_shard_size
+        self.model.save_pretrained(save_directory, **model_options, **kwargs)
+        self.processor.save_pretrained(save_directory)
+        self.save_scheduler_and_index(save_directory, save_pipeline_code=save_pipeline_code)
+        if push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=token,
+                commit_message=commit_message or "Upload pipeline",
+                create_pr=create_pr,
+            )
+
+    def save_scheduler_and_index(self, save_directory: str | os.PathLike, save_pipeline_code: bool = False):
+        """Writes what the pipeline adds to a transformers checkpoint folder: `scheduler/` and `model_index.json`,
+        and with `save_pipeline_code` the pipeline's module file ([`save_pretrained`]). `tuna2 convert` and
+        `tuna2 init` (`diffusers_tuna2.conversion`) use it after the transformers converters."""
+        save_directory = Path(save_directory)
+        if self.scheduler is not None:
+            self.scheduler.save_pretrained(save_directory / "scheduler")
         index = json.loads(self.to_json_string())
         index.pop("_name_or_path", None)  # where a loaded pipeline came from, not a fact of the saved folder
+        if save_pipeline_code:
+            self.save_pipeline_code(save_directory)
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         (save_directory / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    # ------------------------------------------------------------------------------------------------ LoRA
+    @classmethod
+    def save_pipeline_code(cls, save_directory: str | os.PathLike):
+        """Writes this module (its imports of `transformers_tuna2` turned to the model code saved in the folder) and
+        the modules it imports from this package into `save_directory`.
+
+        Raises:
+            `FileNotFoundError`: when the folder lacks the model's code (`modeling_tuna2.py` and the modules it
+                imports), which the model and processor write when saved for `trust_remote_code` loading.
+        """
+        save_directory = Path(save_directory)
+        missing = [name for name in MODEL_CODE if not (save_directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the model's code is missing from {save_directory}: {', '.join(missing)}")
+        # diffusers copies into its module cache only the modules a local pipeline file imports itself, so the copy
+        # also imports those the model's code imports.
+        model_code = {
+            Path(name).stem for code in MODEL_CODE for name in get_relative_import_files(save_directory / code)
+        }
+        indirect = sorted(model_code - {Path(code).stem for code in MODEL_CODE})
+        folder_imports = dict(FOLDER_IMPORTS)
+        folder_imports[FIRST_PACKAGE_IMPORT] = folder_imports[FIRST_PACKAGE_IMPORT] + "".join(
+            f"from .{module} import __name__ as _{module}  # noqa: F401  (imported by the model's code)\n"
+            for module in indirect
+        )
+        source = Path(__file__).read_text()
+        for package_import, folder_import in folder_imports.items():
+            if package_import not in source:
+                raise RuntimeError(f"{PIPELINE_MODULE}.py no longer imports {package_import.strip()!r}")
+            source = source.replace(package_import, folder_import)
+        header = (
+            f"# Written by `{cls.__name__}.save_pretrained(..., save_pipeline_code=True)` from `diffusers_tuna2`'s\n"
+            f"# {PIPELINE_MODULE}.py, its imports of `transformers_tuna2` turned to the model code of this folder.\n"
+            "# ruff: noqa: I001\n"
+        )
+        (save_directory / f"{PIPELINE_MODULE}.py").write_text(header + source)
+        for helper in PIPELINE_HELPERS:
+            (save_directory / helper).write_text((Path(__file__).parent / helper).read_text())
 
     @classmethod
-    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, **kwargs):
-        """The LoRA state dict of a diffusers-format file (`pytorch_lora_weights.safetensors` in a folder or hub
-        repo, or `weight_name`), or of a dict, read by diffusers' own `_fetch_state_dict`: keys
-        `model.<module>.lora_A.weight` and `...lora_B.weight`. With `return_lora_metadata=True`, also the LoRA
-        config the file's metadata carries (its keys prefixed with `model.` too; `None` when absent)."""
-        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
-        use_safetensors = kwargs.pop("use_safetensors", None)
-        state_dict, metadata = _fetch_state_dict(
-            pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
-            weight_name=kwargs.pop("weight_name", None),
-            use_safetensors=True if use_safetensors is None else use_safetensors,
-            local_files_only=kwargs.pop("local_files_only", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            force_download=kwargs.pop("force_download", False),
-            proxies=kwargs.pop("proxies", None),
-            token=kwargs.pop("token", None),
-            revision=kwargs.pop("revision", None),
-            subfolder=kwargs.pop("subfolder", None),
-            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-            allow_pickle=use_safetensors is None,
-        )
-        return (state_dict, metadata) if return_lora_metadata else state_dict
-
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
-        adapter_name: str | None = None,
-        hotswap: bool = False,
-        **kwargs,
-    ):
-        """Loads a LoRA into the model, as diffusers pipelines do: a diffusers-format file
-        (`pytorch_lora_weights.safetensors`, what `save_lora_weights` and `examples/sft.py` write; a folder, hub repo,
-        `weight_name` or state dict), else a PEFT adapter folder (`adapter_config.json`, through the model's
-        `load_adapter`). `adapter_name` defaults to diffusers' `default_<n>`. Keys that match no module of the model
-        raise a `ValueError` naming them. The other keyword arguments are those of `lora_state_dict`."""
-        if not is_peft_available():
-            raise ValueError("loading a LoRA needs PEFT: pip install peft (or the `train` extra)")
-        if adapter_name is None:
-            adapter_name = get_adapter_name(self.model)
-        if self.is_peft_adapter(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name")):
-            with _lora_loading(self):
-                load_adapter(self.model, adapter_name, str(pretrained_model_name_or_path_or_dict))
-            return
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):
-            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
-        state_dict, metadata = self.lora_state_dict(
-            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
-        )
-        self.load_lora_into_model(
-            state_dict, self.model, adapter_name=adapter_name, metadata=metadata, _pipeline=self, hotswap=hotswap
-        )
-
-    @staticmethod
-    def is_peft_adapter(pretrained_model_name_or_path_or_dict, weight_name: str | None = None) -> bool:
-        """Whether `load_lora_weights` reads a PEFT adapter folder: one with `adapter_config.json` and without a
-        diffusers-format `pytorch_lora_weights.safetensors` (the diffusers file wins when a folder has both)."""
-        if isinstance(pretrained_model_name_or_path_or_dict, dict) or weight_name is not None:
-            return False
-        path = Path(pretrained_model_name_or_path_or_dict)
-        if path.is_dir():
-            return (path / PEFT_CONFIG_NAME).is_file() and not (path / LORA_WEIGHT_NAME_SAFE).is_file()
-        if path.is_file():
-            return False
-        from huggingface_hub import file_exists
-
-        repo = str(pretrained_model_name_or_path_or_dict)
-        return file_exists(repo, PEFT_CONFIG_NAME) and not file_exists(repo, LORA_WEIGHT_NAME_SAFE)
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' `extract_init_dict`, the model and processor entries naming the classes this module imports:
+        loaded from a folder's copy (`save_pipeline_code`), those are the folder's own model code, where
+        `model_index.json` names this package's."""
+        init_dict, unused_kwargs, hidden_config = super().extract_init_dict(config_dict, **kwargs)
+        for name, component_class in (("model", Tuna2ForConditionalGeneration), ("processor", Tuna2Processor)):
+            entry = init_dict.get(name)
+            if isinstance(entry, (list, tuple)) and entry[1] == component_class.__name__:
+                init_dict[name] = [component_class.__module__, component_class.__name__]
+        return init_dict, unused_kwargs, hidden_config
 
     @classmethod
-    def load_lora_into_model(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        model: Tuna2ForConditionalGeneration,
-        adapter_name: str | None = None,
-        metadata: dict | None = None,
-        _pipeline=None,
-        hotswap: bool = False,
-        low_cpu_mem_usage: bool = False,
-    ):
-        """Injects a diffusers-format LoRA state dict (keys `model.<module>.lora_A.weight`) into `model` through
-        transformers' PEFT integration (`load_adapter` with the state dict and its `LoraConfig`). The config is the
-        file's metadata when it has one, else diffusers' `get_peft_kwargs` guess (rank from the weights,
-        `lora_alpha = r`)."""
-        prefix = f"{cls.model_name}."
-        modules = {name for name, _ in model.named_modules()}
-        unknown = [
-            key for key in state_dict if not key.startswith(prefix) or lora_module(key[len(prefix) :]) not in modules
-        ]
-        if unknown:
-            shown = ", ".join(unknown[:3]) + (f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else "")
-            raise ValueError(
-                f"{len(unknown)} LoRA key(s) match no module of the model (expected {prefix}<module>.lora_A.weight "
-                f"or .lora_B.weight): {shown}"
-            )
-        state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
-        if metadata is not None:
-            metadata = {key[len(prefix) :]: value for key, value in metadata.items() if key.startswith(prefix)}
-        ranks = {key: value.shape[1] for key, value in state_dict.items() if key.endswith("lora_B.weight")}
-        lora_config = _create_lora_config(state_dict, None, metadata or None, ranks, is_unet=False)
-        if adapter_name is None:
-            adapter_name = get_adapter_name(model)
-        with _lora_loading(_pipeline):
-            load_adapter(
-                model,
-                adapter_name,
-                adapter_state_dict=state_dict,
-                peft_config=lora_config,
-                hotswap=hotswap,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-            )
-
-    @classmethod
-    def save_lora_weights(
-        cls,
-        save_directory: str | os.PathLike,
-        model_lora_layers: dict[str, torch.Tensor] | torch.nn.Module | None = None,
-        is_main_process: bool = True,
-        weight_name: str | None = None,
-        save_function: Callable | None = None,
-        safe_serialization: bool = True,
-        model_lora_adapter_metadata: dict | None = None,
-    ):
-        """Writes a LoRA in the diffusers format, as diffusers pipelines write theirs
-        (`LoraBaseMixin._save_lora_weights`): `pytorch_lora_weights.safetensors` with keys
-        `model.<module>.lora_A.weight`, and the LoRA config, its keys prefixed with `model.`, as JSON under
-        `lora_adapter_metadata` in the safetensors metadata.
-
-        `model_lora_layers` is the adapter's PEFT state dict (`get_peft_model_state_dict(model)`, module paths of
-        [`Tuna2ForConditionalGeneration`]), with `model_lora_adapter_metadata` its `LoraConfig.to_dict()`; or a model
-        carrying an adapter (a `PeftModel`, or the pipeline's model after `load_lora_weights`), whose active adapter
-        and config are written."""
-        if isinstance(model_lora_layers, torch.nn.Module):
-            model_lora_layers, config = lora_layers_of(model_lora_layers)
-            if model_lora_adapter_metadata is None:
-                model_lora_adapter_metadata = config.to_dict()
-        if not model_lora_layers:
-            raise ValueError("You must pass `model_lora_layers`.")
-        cls._save_lora_weights(
-            save_directory=save_directory,
-            lora_layers={cls.model_name: model_lora_layers},
-            lora_metadata={cls.model_name: model_lora_adapter_metadata},
-            is_main_process=is_main_process,
-            weight_name=weight_name,
-            save_function=save_function,
-            safe_serialization=safe_serialization,
-        )
-
-    def fuse_lora(
-        self,
-        components: list[str] | None = None,
-        lora_scale: float = 1.0,
-        safe_fusing: bool = False,
-        adapter_names: list[str] | None = None,
-        **kwargs,
-    ):
-        """Merges the active adapters (or `adapter_names`), scaled by `lora_scale`, into the model's weights
-        (diffusers' `LoraBaseMixin.fuse_lora` on the `model` component)."""
-        super().fuse_lora(
-            components=components or ["model"],
-            lora_scale=lora_scale,
-            safe_fusing=safe_fusing,
-            adapter_names=adapter_names,
-            **kwargs,
-        )
-
-    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
-        """Takes the fused adapters back out of the model's weights."""
-        super().unfuse_lora(components=components or ["model"], **kwargs)
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`; a folder whose `_class_name` names its pipeline module (`save_pipeline_code`)
+        names this class, which loads without running the folder's code."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list) and config["_class_name"][1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return loaded
 
     # ------------------------------------------------------------------------------------------------ properties
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """`(height, width)` of the images a call draws: the given sides, else the processor's fixed size if it has
-        one, else `defaults.IMAGE_SIZE` square."""
-        fixed = self.processor.image_processor.size or {"height": defaults.IMAGE_SIZE, "width": defaults.IMAGE_SIZE}
+        one, else `IMAGE_SIZE` square."""
+        fixed = self.processor.image_processor.size or {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         return (height if height is not None else fixed["height"], width if width is not None else fixed["width"])
 
     def model_is_checkpointing(self) -> bool:
@@ -585,30 +574,23 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         generator,
         output_type,
         callback_on_step_end_tensor_inputs,
+        prompt_embeds=None,
     ):
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if len(prompts) == 0:
-            raise ValueError("`prompt` is an empty list")
-        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
-        if image is not None:
-            images = image if isinstance(image, list) else [image]
-            for item in images:
-                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
-                    raise ValueError(
-                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
-                        f"got {type(item).__name__}"
-                    )
-            if len(images) not in (1, len(prompts)):
-                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+        if prompt_embeds is not None:
+            self.check_prompt_embeds(
+                prompt, negative_prompt, image, num_images_per_prompt, guidance_scale, prompt_embeds
+            )
+            editing, total = prompt_embeds.editing, self.num_images(prompt_embeds)
+        else:
+            self.check_prompt(prompt, negative_prompt, image)
+            editing = image is not None
+            total = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         patch_size = self.model.config.patch_size
         if height <= 0 or width <= 0 or height % patch_size or width % patch_size:
             raise ValueError(
                 f"height and width must be positive multiples of the patch size {patch_size}, got {height}x{width}"
             )
-        needed = generation_length(self.processor.num_span_slots(height, width), editing=image is not None)
+        needed = generation_length(self.processor.num_span_slots(height, width), editing=editing)
         max_positions = self.model.config.text_config.max_position_embeddings
         if needed > max_positions:
             raise ValueError(
@@ -627,7 +609,6 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             raise ValueError(f"`guidance_scale` must be >= 0 and a finite number, got {guidance_scale!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt}")
-        total = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt)")
         if output_type not in OUTPUT_TYPES:
@@ -635,6 +616,56 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback tensor inputs must be among {self._callback_tensor_inputs}, got {unknown}")
+
+    @staticmethod
+    def check_prompt(prompt, negative_prompt, image):
+        if prompt is None:
+            raise ValueError(
+                "Provide either `prompt` or `prompt_embeds`. Cannot leave both `prompt` and `prompt_embeds` undefined."
+            )
+        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if len(prompts) == 0:
+            raise ValueError("`prompt` is an empty list")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompts)}")
+        if image is not None:
+            images = image if isinstance(image, list) else [image]
+            for item in images:
+                if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
+                    raise ValueError(
+                        f"`image` must be a PIL image, a numpy array, a tensor, a path or a URL (or a list of them), "
+                        f"got {type(item).__name__}"
+                    )
+            if len(images) not in (1, len(prompts)):
+                raise ValueError(f"got {len(images)} images to edit for {len(prompts)} prompts")
+
+    @staticmethod
+    def check_prompt_embeds(prompt, negative_prompt, image, num_images_per_prompt, guidance_scale, prompt_embeds):
+        """The prompts, negative prompts, edit sources and repeats are in `prompt_embeds` ([`encode_prompt`])."""
+        if prompt is not None:
+            raise ValueError(
+                f"Cannot forward both `prompt`: {prompt} and `prompt_embeds`. Please make sure to only forward one of "
+                "the two."
+            )
+        for name, value in (("negative_prompt", negative_prompt), ("image", image)):
+            if value is not None:
+                raise ValueError(f"`{name}` is encoded in `prompt_embeds`: pass it to `encode_prompt`")
+        if num_images_per_prompt != 1:
+            raise ValueError("`num_images_per_prompt` is encoded in `prompt_embeds`: pass it to `encode_prompt`")
+        if prompt_embeds.classifier_free_guidance != (guidance_scale != 1.0):
+            held = "holds negative prompts" if prompt_embeds.classifier_free_guidance else "holds no negative prompt"
+            raise ValueError(
+                f"`prompt_embeds` {held}, which guidance_scale={guidance_scale} does not match: encode with "
+                f"`negative_prompt` for guidance_scale != 1, without for 1"
+            )
+
+    @staticmethod
+    def num_images(prompt_embeds: Tuna2EncodedPrompt) -> int:
+        """The number of images `prompt_embeds` draws (its rows, less the negative ones)."""
+        targets = int((prompt_embeds.image_roles == Tuna2ImageRole.TARGET).sum())
+        return targets // 2 if prompt_embeds.classifier_free_guidance else targets
 
     def encode_prompt(
         self,
@@ -645,41 +676,60 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         images: list | None = None,
         device: torch.device | None = None,
         use_prefix_cache: bool = True,
+        num_images_per_prompt: int = 1,
     ) -> Tuna2EncodedPrompt:
-        """Tokenizes the conditional sequences, then the negative ones (given for classifier-free guidance only),
-        for `height x width` images (the pipeline's default size when not given); `images` are the sources of edits,
-        one per prompt. With `use_prefix_cache`, the fixed prefix (prompt, and source image when editing) runs once
-        through the model into a [`Tuna2Cache`]; every denoising step then feeds only the span of the image being
-        generated."""
+        """Tokenizes the conditional sequences, then the negative ones (given for classifier-free guidance only; a
+        string applies to every prompt), for `height x width` images (the pipeline's default size when not given);
+        `images` are the sources of edits, one per prompt. With `use_prefix_cache`, the fixed prefix (prompt, and
+        source image when editing) runs once through the model into a [`Tuna2Cache`]; every denoising step then
+        feeds only the span of the image being generated. Each prompt is encoded once and its rows (cache rows
+        included) repeated `num_images_per_prompt` times, as Flux repeats its prompt embeddings."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
         height, width = self.image_size(height, width)
         device = device if device is not None else self._execution_device
-        texts = prompts + (negative_prompts or [])
-        sources = (images * (2 if negative_prompts else 1)) if images is not None else None
+        texts = prompts + (negative_prompt or [])
+        sources = (images * (2 if negative_prompt else 1)) if images is not None else None
         max_length = self.model.config.text_config.max_position_embeddings
         inputs = self.processor.generation_inputs(texts, height, width, source_images=sources, max_length=max_length)
-        conditions = inputs["pixel_values"].to(device) if sources is not None else None
-        prefix_ids, prefix_mask = inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
-        span_ids = inputs["span_ids"].to(device)
+
+        def repeat(rows: torch.Tensor) -> torch.Tensor:
+            return rows.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        layout = dict(
+            height=height, width=width, editing=images is not None, classifier_free_guidance=bool(negative_prompt)
+        )
+        roles_per_row = inputs["image_roles"].view(len(texts), -1)
+        prefix_ids, prefix_mask, span_ids = inputs["input_ids"], inputs["attention_mask"], inputs["span_ids"]
         if not use_prefix_cache:
-            input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"].to(device)], dim=1)
+            input_ids = torch.cat([prefix_ids, span_ids, inputs["suffix_ids"]], dim=1)
             attention_mask = torch.cat([prefix_mask, torch.ones_like(input_ids[:, prefix_ids.shape[1] :])], dim=1)
-            return Tuna2EncodedPrompt(input_ids, attention_mask, inputs["image_roles"], conditions)
+            conditions = repeat(inputs["pixel_values"]) if sources is not None else None
+            return Tuna2EncodedPrompt(
+                input_ids=repeat(input_ids),
+                attention_mask=repeat(attention_mask),
+                image_roles=repeat(roles_per_row).flatten(),
+                condition_pixel_values=conditions,
+                **layout,
+            )
         cache = Tuna2Cache(config=self.model.config)
         self.model(
-            input_ids=prefix_ids,
-            attention_mask=prefix_mask,
-            pixel_values=conditions,
+            input_ids=prefix_ids.to(device),
+            attention_mask=prefix_mask.to(device),
+            pixel_values=inputs["pixel_values"].to(device) if sources is not None else None,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        cache.batch_repeat_interleave(num_images_per_prompt)
+        span_ids = repeat(span_ids)
         return Tuna2EncodedPrompt(
             input_ids=span_ids,
-            attention_mask=torch.cat([prefix_mask, torch.ones_like(span_ids)], dim=1),
-            image_roles=inputs["image_roles"][inputs["image_roles"] == Tuna2ImageRole.TARGET],
+            attention_mask=torch.cat([repeat(prefix_mask), torch.ones_like(span_ids)], dim=1),
+            image_roles=repeat(roles_per_row[:, -1:]).flatten(),
             past_key_values=cache,
+            **layout,
         )
 
     def prepare_latents(self, num_images, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
@@ -734,12 +784,12 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         image=None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = defaults.NUM_INFERENCE_STEPS,
+        num_inference_steps: int = NUM_INFERENCE_STEPS,
         guidance_scale: float | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         num_images_per_prompt: int = 1,
@@ -750,10 +800,12 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         use_prefix_cache: bool = True,
+        prompt_embeds: Tuna2EncodedPrompt | None = None,
     ):
         r"""
         Args:
-            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed.
+            prompt (`str` or `list[str]`): what to draw, or the editing instruction. `""` is allowed. Not with
+                `prompt_embeds`.
             image (PIL image, `np.ndarray`, `torch.Tensor`, a file path or URL, or a list, *optional*): image(s) to
                 edit (one for all prompts, or one per prompt); arrays are `(H, W, 3)`, tensors `(3, H, W)`, uint8 or
                 float in [0, 1].
@@ -780,6 +832,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): tensors passed to it.
             use_prefix_cache (`bool`, defaults to `True`): run the prompt (and edit source) once and only the image
                 span at each step; `False` recomputes whole sequences at each step, like the official pipeline.
+            prompt_embeds ([`Tuna2EncodedPrompt`], *optional*): what [`encode_prompt`] returned, in place of
+                `prompt`, `negative_prompt`, `image` and `num_images_per_prompt` (the size and the prefix cache are
+                the encoded ones); it serves any number of calls.
         """
         if self.model.training and use_prefix_cache and self.model_is_checkpointing():
             raise ValueError(
@@ -791,7 +846,9 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
                 "the model is in training mode: masked image modelling and dropout change its predictions; call "
                 "pipe.model.eval() before sampling"
             )
-        editing = image is not None
+        editing = image is not None if prompt_embeds is None else prompt_embeds.editing
+        if prompt_embeds is not None:
+            height, width = prompt_embeds.height, prompt_embeds.width
         height, width = self.image_size(height, width)
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
@@ -808,6 +865,7 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             generator,
             output_type,
             callback_on_step_end_tensor_inputs,
+            prompt_embeds,
         )
         self._guidance_scale = guidance_scale
         self._cfg_interval = cfg_interval
@@ -815,49 +873,55 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
         device = self._execution_device
         dtype = self.model.dtype
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
-        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-        images = None
-        if editing:
-            images = image if isinstance(image, list) else [image]
-            images = images * len(prompts) if len(images) == 1 else images
-            images = [item for item in images for _ in range(num_images_per_prompt)]
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negative_prompts = [p for p in negative_prompts for _ in range(num_images_per_prompt)]
-
-        prompt_inputs = self.encode_prompt(
-            prompts,
-            negative_prompts if self.do_classifier_free_guidance else None,
-            height,
-            width,
-            images,
-            device,
-            use_prefix_cache,
-        )
-        latents = self.prepare_latents(len(prompts), height, width, dtype, device, generator, latents)
-        sigmas = self.sigmas(num_inference_steps, dtype)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas)
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if negative_prompt is None:
+                negative_prompt = self.config.edit_negative_prompt if editing else self.config.negative_prompt
+            images = None
+            if editing:
+                images = image if isinstance(image, list) else [image]
+                images = images * len(prompts) if len(images) == 1 else images
+            prompt_embeds = self.encode_prompt(
+                prompts,
+                negative_prompt if self.do_classifier_free_guidance else None,
+                height,
+                width,
+                images,
+                device,
+                use_prefix_cache,
+                num_images_per_prompt,
+            )
+        num_images = self.num_images(prompt_embeds)
+        latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
+        if self.scheduler is not None:
+            sigmas = self.sigmas(num_inference_steps, dtype)
+            timesteps, num_inference_steps = retrieve_timesteps(
+                self.scheduler, num_inference_steps, device, sigmas=sigmas
+            )
+            times = 1 - timesteps.float() / self.scheduler.config.num_train_timesteps
+        else:  # the official sampler's own Euler steps on its grid; the callbacks get the times t
+            grid = timestep_grid(num_inference_steps, dtype).to(device)
+            times = timesteps = grid[:-1]
         self._num_timesteps = len(timesteps)
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, timestep in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                t = 1 - timestep.float() / num_train_timesteps
+                t = times[i]
                 states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
                 # One row of logits, which denoising does not read.
-                x0 = self.model(**self.step_inputs(prompt_inputs, states, t), logits_to_keep=1).x0
-                if prompt_inputs.past_key_values is not None:
-                    prompt_inputs.past_key_values.crop(-prompt_inputs.input_ids.shape[1])
+                x0 = self.model(**self.step_inputs(prompt_embeds, states, t), logits_to_keep=1).x0
+                if prompt_embeds.past_key_values is not None:
+                    prompt_embeds.past_key_values.crop(-prompt_embeds.input_ids.shape[1])
                 if self.do_classifier_free_guidance:
                     x0_cond, x0_uncond = x0.chunk(2)
                     x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
-                # The scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v.
-                model_output = -velocity(x0, latents, t, self.model.config.t_eps)
-                latents = self.scheduler.step(model_output, timestep, latents, return_dict=False)[0]
+                v = velocity(x0, latents, t, self.model.config.t_eps)
+                if self.scheduler is None:
+                    latents = latents + (grid[i + 1] - t) * v
+                else:  # the scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v
+                    latents = self.scheduler.step(-v, timestep, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
