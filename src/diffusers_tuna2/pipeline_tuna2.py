@@ -25,6 +25,7 @@ from diffusers.utils import logging
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, list_repo_files, snapshot_download, upload_folder
+from transformers.dynamic_module_utils import custom_object_save
 
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2ImageRole, Tuna2Processor
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
@@ -471,17 +472,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
 
     @classmethod
     def save_pipeline_code(cls, save_directory: str | os.PathLike):
-        """Writes this module (its imports of `transformers_tuna2` turned to the model code saved in the folder) and
-        the modules it imports from this package into `save_directory`.
-
-        Raises:
-            `FileNotFoundError`: when the folder lacks the model's code (`modeling_tuna2.py` and the modules it
-                imports), which the model and processor write when saved for `trust_remote_code` loading.
-        """
+        """Writes the model's and processor's code (as `transformers_tuna2.register_for_auto_class()` would), this
+        module (its imports of `transformers_tuna2` turned to that code) and the modules it imports from this package
+        into `save_directory`."""
         save_directory = Path(save_directory)
-        missing = [name for name in MODEL_CODE if not (save_directory / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"the model's code is missing from {save_directory}: {', '.join(missing)}")
+        for cls in (Tuna2ForConditionalGeneration, Tuna2Processor):
+            custom_object_save(cls, save_directory)  # the class's module and every module it imports relatively
         # diffusers copies into its module cache only the modules a local pipeline file imports itself, so the copy
         # also imports those the model's code imports.
         model_code = {

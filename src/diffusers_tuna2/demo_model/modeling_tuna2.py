@@ -11,6 +11,7 @@ Flow-matching convention used throughout: t=1 is the clean image, t=0 is pure no
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,7 +19,12 @@ from transformers import GenerationMixin, LlamaConfig, Qwen2Model
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_bidirectional_sliding_window_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -26,7 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
-from transformers.utils.import_utils import is_torchdynamo_compiling, torch_compilable_check
+from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_tuna2 import Tuna2Config, Tuna2ImageRole
 from .flow_matching import noisy_image, sample_training_t, v_loss_weight
@@ -82,6 +88,10 @@ class Tuna2ImageSpans:
         return len(self.lengths)
 
     @property
+    def is_image(self) -> torch.BoolTensor:
+        return self.span_position >= 0
+
+    @property
     def is_patch(self) -> torch.BoolTensor:
         return self.span_position > 0
 
@@ -131,6 +141,20 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, lay
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Initialisation marks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def with_official_init(linear: nn.Linear, weight: str = "kaiming_uniform") -> nn.Linear:
+    """Marks `linear` for [`Tuna2PreTrainedModel._init_weights`] to start as the official model starts: its weight
+    from PyTorch's default (`"kaiming_uniform"`) or from N(0, `initializer_range`) (`"normal"`), its bias from
+    PyTorch's default, uniform in `+-1/sqrt(in_features)`. A mark rather than a subclass, since bitsandbytes quantizes
+    plain `nn.Linear` modules only."""
+    linear.official_weight_init = weight
+    return linear
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -168,9 +192,9 @@ class Tuna2TimestepEmbedder(nn.Module):
         hidden_size = config.text_config.hidden_size
         self.frequency_dim = config.timestep_frequency_dim
         self.mlp = nn.Sequential(
-            nn.Linear(self.frequency_dim, hidden_size, bias=True),
+            with_official_init(nn.Linear(self.frequency_dim, hidden_size, bias=True), weight="normal"),
             nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
+            with_official_init(nn.Linear(hidden_size, hidden_size, bias=True), weight="normal"),
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -203,9 +227,12 @@ def apply_image_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack((x0 * cos + x1 * sin, x1 * cos - x0 * sin), dim=-1).flatten(-2).to(x.dtype)
 
 
-@dataclass
-class Tuna2FlowHeadRotary:
-    """Rotary tables of one flow-head call, each of shape `(batch_size, 1, seq_len, ...)` to broadcast over heads."""
+class Tuna2FlowHeadRotary(NamedTuple):
+    """Rotary tables of one flow-head call, each of shape `(batch_size, 1, seq_len, ...)` to broadcast over heads.
+
+    A tuple of tensors, as the language model's `position_embeddings`, so that the hooks that place the blocks of a
+    model split over devices (`device_map`) move them to each block's execution device with the block's other inputs.
+    """
 
     text_cos: torch.Tensor
     text_sin: torch.Tensor
@@ -222,8 +249,8 @@ class Tuna2FlowHeadRotary:
 
 class Tuna2FlowHeadRotaryEmbedding(nn.Module):
     """Builds the rotary tables of a flow-head call. The text frequencies are llama3-scaled RoPE, computed by
-    `modeling_rope_utils`. The frequencies are plain fp32 attributes rather than buffers, so that casting the model
-    to bf16 cannot round them."""
+    `modeling_rope_utils`. The frequencies are fp32 attributes rather than buffers, so that casting the model to bf16
+    cannot round them; they are copied once to each device the head runs on."""
 
     def __init__(self, config: Tuna2Config):
         super().__init__()
@@ -236,6 +263,16 @@ class Tuna2FlowHeadRotaryEmbedding(nn.Module):
         with torch.device("cpu"):  # real values even when the model is built on the meta device to be loaded
             self.text_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](rope_config)
             self.image_omegas = image_rope_omegas(config.image_rope_sections, config.image_rope_theta)
+        self.frequencies_by_device: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def frequencies(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The text inverse frequencies and the per-axis image frequencies, on `device`."""
+        if device not in self.frequencies_by_device:
+            self.frequencies_by_device[device] = (
+                self.text_inv_freq.to(device),
+                [omega.to(device) for omega in self.image_omegas],
+            )
+        return self.frequencies_by_device[device]
 
     def forward(
         self, dtype: torch.dtype, position_ids: torch.LongTensor, spans: Tuna2ImageSpans
@@ -246,20 +283,21 @@ class Tuna2FlowHeadRotaryEmbedding(nn.Module):
             spans (`Tuna2ImageSpans`): the image spans of the sequence, with their grids.
         """
         device = position_ids.device
-        freqs = position_ids[..., None].float() * self.text_inv_freq.to(device)
+        text_inv_freq, image_omegas = self.frequencies(device)
+        freqs = position_ids[..., None].float() * text_inv_freq
         text_angles = torch.cat((freqs, freqs), dim=-1)
         # Every span restarts its patch grid at (0, 0, 0): in editing, source and target share positions.
-        patch = (spans.span_position - 1).clamp(min=0)
+        patch = (spans.span_position.to(device) - 1).clamp(min=0)
         if spans.num_images:
             grid_widths = torch.tensor([width for _, width in spans.grids], device=device)
-            width = grid_widths[spans.image_index.clamp(min=0)]
+            width = grid_widths[spans.image_index.to(device).clamp(min=0)]
         else:
             width = torch.ones_like(patch)
         frame = torch.zeros_like(patch)
         image_angles = torch.cat(
             [
-                axis_pos[..., None].float() * omega.to(device)
-                for axis_pos, omega in zip((frame, patch // width, patch % width), self.image_omegas)
+                axis_pos[..., None].float() * omega
+                for axis_pos, omega in zip((frame, patch // width, patch % width), image_omegas)
             ],
             dim=-1,
         )
@@ -268,8 +306,8 @@ class Tuna2FlowHeadRotaryEmbedding(nn.Module):
             text_sin=text_angles.sin().to(dtype)[:, None],
             image_cos=image_angles.cos().to(dtype)[:, None],
             image_sin=image_angles.sin().to(dtype)[:, None],
-            is_text=(spans.image_index < 0)[:, None, :, None],
-            is_patch=spans.is_patch[:, None, :, None],
+            is_text=(spans.image_index < 0).to(device)[:, None, :, None],
+            is_patch=spans.is_patch.to(device)[:, None, :, None],
         )
 
 
@@ -309,10 +347,12 @@ class Tuna2FlowHeadAttention(nn.Module):
         self.num_key_value_groups = config.flow_head_num_attention_heads // config.flow_head_num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.q_proj = nn.Linear(hidden_size, config.flow_head_num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, config.flow_head_num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, config.flow_head_num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.flow_head_num_attention_heads * self.head_dim, hidden_size, bias=False)
+        query_size = config.flow_head_num_attention_heads * self.head_dim
+        key_value_size = config.flow_head_num_key_value_heads * self.head_dim
+        self.q_proj = with_official_init(nn.Linear(hidden_size, query_size, bias=False))
+        self.k_proj = with_official_init(nn.Linear(hidden_size, key_value_size, bias=False))
+        self.v_proj = with_official_init(nn.Linear(hidden_size, key_value_size, bias=False))
+        self.o_proj = with_official_init(nn.Linear(query_size, hidden_size, bias=False))
         self.q_norm = Qwen2RMSNorm(self.head_dim, eps=config.flow_head_qk_norm_eps)
         self.k_norm = Qwen2RMSNorm(self.head_dim, eps=config.flow_head_qk_norm_eps)
 
@@ -344,9 +384,9 @@ class Tuna2FlowHeadMLP(nn.Module):
     def __init__(self, config: Tuna2Config):
         super().__init__()
         hidden_size, intermediate_size = config.text_config.hidden_size, config.flow_head_intermediate_size
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = with_official_init(nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.up_proj = with_official_init(nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.down_proj = with_official_init(nn.Linear(intermediate_size, hidden_size, bias=False))
         self.act_fn = ACT2FN[config.flow_head_hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -482,15 +522,6 @@ class Tuna2ModelOutputWithPast(ModelOutput):
         Attention weights of every language-model layer, when asked for.
     time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`, *optional*):
         Timestep embedding of each image (its time slot and its adaLN conditioning).
-    image_spans ([`Tuna2ImageSpans`]):
-        Where the images sit in the sequence, with their grids.
-    position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-        The positions the language model used.
-    causal_mask_mapping (`dict[str, torch.Tensor]`):
-        The attention masks the language model used, by layer type; the flow head reuses them.
-    is_causal (`bool`, *optional*):
-        `False` when the masks have no causal part (each row one whole image span after a cached prefix): where a
-        mask is then `None` (no padding, sdpa or eager), the attention runs unmasked instead of causal.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -498,16 +529,6 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     time_embeds: torch.FloatTensor | None = None
-    image_spans: Tuna2ImageSpans | None = None
-    position_ids: torch.LongTensor | None = None
-    causal_mask_mapping: dict | None = None
-    is_causal: bool | None = None
-
-    def to_tuple(self) -> tuple:
-        """The outputs of the model (as in transformers' tuples, `return_dict=False`), without what it hands on to
-        the flow head (`image_spans`, `position_ids`, `causal_mask_mapping`, `is_causal`)."""
-        handed_on = ("image_spans", "position_ids", "causal_mask_mapping", "is_causal")
-        return tuple(value for key, value in self.items() if key not in handed_on)
 
 
 @dataclass
@@ -516,7 +537,8 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
     loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
         `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss`, when `labels` or images to noise are given.
     logits (`torch.FloatTensor` of shape `(batch_size, logits_to_keep or sequence_length, vocab_size)`):
-        Language-model logits.
+        Language-model logits. In training mode with labels, those of the labelled positions only, in batch order:
+        `(num_labelled_positions, vocab_size)`.
     past_key_values (`Cache`, *optional*):
         The cache, extended: a [`Tuna2Cache`] when one was given, else the language model's cache.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
@@ -616,29 +638,30 @@ class Tuna2PreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """The official initialisation of the parts that do not come from the LLM."""
-        # Leaf modules only: transformers skips containers without parameters of their own for remote-code models.
-        super()._init_weights(module)  # linears (the timestep MLP included): N(0, 0.02), zero bias
+        """The official initialisation of the parts that do not come from the LLM (the only initialisation: the
+        models built from a Qwen2, `init_tuna2_from_qwen2`, start from it too). The LLM and the LM head take
+        transformers' N(0, initializer_range)."""
+        # Leaf modules only: transformers skips containers without parameters of their own for custom-code models.
         if isinstance(module, Tuna2ZeroInitLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and hasattr(module, "official_weight_init"):
+            if module.official_weight_init == "normal":  # the timestep MLP
+                init.normal_(module.weight, std=self.config.initializer_range)
+            else:
+                # The flow-head blocks. The official code means to xavier-initialise them but calls its init on the
+                # module list instead of through `.apply`: the official model was trained from PyTorch's default.
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, nn.Conv2d):  # the patch embedding
             init.xavier_uniform_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, Tuna2Model) and module.mask_token is not None:
-            init.normal_(module.mask_token, std=module.mask_token.shape[-1] ** -0.5)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As transformers saves; the `auto_map` it writes for `trust_remote_code` loading goes to the saved config
-        only, not to this model's."""
-        had_auto_map, auto_map = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if had_auto_map:
-                self.config.auto_map = auto_map
-            elif hasattr(self.config, "auto_map"):
-                del self.config.auto_map
+        else:
+            super()._init_weights(module)  # the LLM's linears and embeddings, the LM head, every norm weight 1
+            if isinstance(module, Tuna2Model) and module.mask_token is not None:
+                init.normal_(module.mask_token, std=module.mask_token.shape[-1] ** -0.5)
 
 
 class Tuna2Model(Tuna2PreTrainedModel):
@@ -722,11 +745,16 @@ class Tuna2Model(Tuna2PreTrainedModel):
         is_placeholder = (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
         return torch.where(is_placeholder, image_token, -1)
 
-    def get_placeholder_mask(
-        self, input_ids: torch.LongTensor, spans: Tuna2ImageSpans, image_grids: list[tuple[int, int]]
-    ) -> torch.BoolTensor:
-        """Checks that the image spans of `input_ids` match the images one to one and returns the `(B, L, 1)` mask of
-        their positions."""
+    def image_spans(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        image_grids: list[tuple[int, int]],
+    ) -> Tuna2ImageSpans:
+        """The image spans of `input_ids` (or of `inputs_embeds` given without ids), with the patch grid of each image.
+        Raises a `ValueError` unless the spans match the images one to one."""
+        span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
+        spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
         if spans.num_images != len(image_grids):
             raise ValueError(
                 f"the input ids hold {spans.num_images} image spans but {len(image_grids)} images were given"
@@ -737,7 +765,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
                     f"image span {i} has {length} slots but image {i} needs {1 + h * w} "
                     f"(1 time slot + {h * w} patches)"
                 )
-        return (input_ids == self.config.image_token_id).unsqueeze(-1)
+        return replace(spans, grids=image_grids)
 
     def create_attention_mask(
         self,
@@ -746,35 +774,41 @@ class Tuna2Model(Tuna2PreTrainedModel):
         past_key_values: Cache | None,
         position_ids: torch.LongTensor,
         spans: Tuna2ImageSpans,
+        layer_types: tuple[str, ...] | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Causal attention, bidirectional inside each image span (time slot and patches, not the boi/eoi tokens),
-        with the padding of `attention_mask`. Shared by the language model and the flow head.
+        """The masks by layer type, of the language model's `layer_types` by default (`full_attention`, and
+        `sliding_attention` when it has sliding-window layers): causal attention, bidirectional inside each image span
+        (time slot and patches, not the boi/eoi tokens), with the padding of `attention_mask`. The flow head uses a
+        `full_attention` one.
 
         When each row is one whole image span (a denoising step after a cached prefix), every position sees every
         key: the mask is the padding alone, and `None` (no mask to build, sdpa's fused kernels) without padding; the
         attention must then run with `is_causal=False`."""
+        text_config = self.config.text_config
+        layer_types = set(layer_types or text_config.layer_types or ["full_attention"])
+        has_sliding_layers = "sliding_attention" in layer_types
+        mask_kwargs = {
+            "config": text_config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+        }
         if spans.fill_each_row:
-            mask = create_bidirectional_mask(
-                config=self.config.text_config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-            )
-            return {"full_attention": mask}
-        block_sequence_ids = None
-        if spans.num_images > 0:
-            # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            block_sequence_ids = nn.functional.pad(spans.image_index, (past_length, 0), value=-1)
-        mask = create_causal_mask(
-            config=self.config.text_config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-            block_sequence_ids=block_sequence_ids,
-        )
-        return {"full_attention": mask}
+            full_mask, sliding_mask = create_bidirectional_mask, create_bidirectional_sliding_window_mask
+        else:
+            block_sequence_ids = None
+            if spans.num_images > 0:
+                # Block ids cover the whole key length; cached positions are text (-1) or earlier spans, both causal.
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                block_sequence_ids = nn.functional.pad(spans.image_index, (past_length, 0), value=-1)
+            mask_kwargs.update(position_ids=position_ids, block_sequence_ids=block_sequence_ids)
+            full_mask, sliding_mask = create_causal_mask, create_sliding_window_causal_mask
+        masks = {}
+        if "full_attention" in layer_types:
+            masks["full_attention"] = full_mask(**mask_kwargs)
+        if has_sliding_layers:
+            masks["sliding_attention"] = sliding_mask(**mask_kwargs)
+        return masks
 
     @can_return_tuple
     def forward(
@@ -801,8 +835,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
             1 for tokens to attend to, 0 for padding. Position ids follow it when not given.
 
         Returns:
-            [`Tuna2ModelOutputWithPast`], which also hands on the image spans, positions and attention masks it built,
-            for the flow head.
+            [`Tuna2ModelOutputWithPast`].
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -812,27 +845,14 @@ class Tuna2Model(Tuna2PreTrainedModel):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = self.default_position_ids(inputs_embeds, attention_mask, past_length)
-        # Scaled RoPE (linear, dynamic, yarn, ...) is there to go past max_position_embeddings.
-        rope_type = (self.config.text_config.rope_parameters or {}).get("rope_type", "default")
-        max_positions = self.config.text_config.max_position_embeddings
-        if rope_type == "default":
-            torch_compilable_check(
-                past_length + inputs_embeds.shape[1] <= max_positions,
-                lambda: (
-                    f"sequence length {past_length + inputs_embeds.shape[1]} exceeds the model's "
-                    f"max_position_embeddings ({max_positions})"
-                ),
-            )
 
         time_embeds = None
         if pixel_values is not None:
-            span_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
-            spans = Tuna2ImageSpans.from_input_ids(span_ids, self.config.image_token_id)
             image_features = self.get_image_features(pixel_values, timesteps, return_dict=True)
-            placeholder_mask = self.get_placeholder_mask(span_ids, spans, image_features.image_grids)
+            spans = self.image_spans(input_ids, inputs_embeds, image_features.image_grids)
+            placeholder_mask = spans.is_image[..., None]
             image_embeds = image_features.last_hidden_state.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, image_embeds)
-            spans = replace(spans, grids=image_features.image_grids)
             time_embeds = image_features.time_embeds
         else:
             spans = Tuna2ImageSpans.without_images(*inputs_embeds.shape[:2], inputs_embeds.device)
@@ -844,14 +864,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
                     "as text"
                 )
 
-        causal_mask_mapping, is_causal = attention_mask, None
+        causal_mask_mapping = attention_mask
         if not isinstance(causal_mask_mapping, dict):
             causal_mask_mapping = self.create_attention_mask(
                 inputs_embeds, attention_mask, past_key_values, position_ids, spans
             )
             if spans.fill_each_row:
                 # The mask, when there is one, is the padding alone; without one, sdpa must not fall back to causal.
-                is_causal = False
                 kwargs["is_causal"] = False
 
         outputs = self.language_model(
@@ -868,10 +887,6 @@ class Tuna2Model(Tuna2PreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             time_embeds=time_embeds,
-            image_spans=spans,
-            position_ids=position_ids,
-            causal_mask_mapping=causal_mask_mapping,
-            is_causal=is_causal,
         )
 
     @staticmethod
@@ -971,16 +986,18 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             Flow time of each image (t=1 clean, the default).
         image_roles (`torch.LongTensor` of shape `(num_images,)`, *optional*):
             [`Tuna2ImageRole`] of each image. The flow head runs and `x0` holds the prediction of every `TARGET`
-            image. Without `timesteps` this is a training batch of clean images: `TARGET` images are noised to
-            `z_t = t x + (1 - t) noise_scale eps` with `t = sigmoid(N(P_mean, P_std))` and supervised by the flow
-            loss, and in training mode `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`.
+            image. In training mode, without `timesteps`, this is a training batch of clean images: `TARGET` images
+            are noised to `z_t = t x + (1 - t) noise_scale eps` with `t = sigmoid(N(P_mean, P_std))` and supervised
+            by the flow loss, and `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`. In eval
+            mode nothing is drawn: `TARGET` images need their `timesteps` (a `ValueError` otherwise).
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding (of the cached positions too).
         past_key_values (`Cache`, *optional*):
             A [`Tuna2Cache`] extends the language model and the flow head together (generating an image after
             cached positions needs one); any other cache is the language model's, as in `generate()`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token targets, -100 where ignored. The model shifts them.
+            Next-token targets, -100 where ignored. The model shifts them. In training mode the LM head then runs on
+            the labelled positions only (`logits` holds theirs); in eval mode on every position.
         shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets already shifted (the label of position i is the token at i + 1), as sequence-parallel training
             passes them; they replace `labels`.
@@ -995,9 +1012,15 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             num_images = 0 if pixel_values is None else len(make_image_list(pixel_values))
             if image_roles.shape[0] != num_images:
                 raise ValueError(f"got {image_roles.shape[0]} image roles for {num_images} images")
-            if timesteps is None:
-                pixel_values, timesteps, clean_images = self.noise_images(pixel_values, image_roles)
         targets = [] if image_roles is None else (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
+        if image_roles is not None and timesteps is None:
+            if self.training:
+                pixel_values, timesteps, clean_images = self.noise_images(pixel_values, image_roles)
+            elif targets:
+                raise ValueError(
+                    "TARGET images need their `timesteps` in eval mode: the model draws the noise and the times of "
+                    "a training batch in training mode only (`model.train()`)"
+                )
 
         if (targets or isinstance(past_key_values, Tuna2Cache)) and self.flow_head is None:
             raise ValueError(NO_FLOW_HEAD_ERROR)
@@ -1019,15 +1042,45 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        hidden_states = outputs.last_hidden_state
+        lm_loss = None
+        if labels is None and shift_labels is None:
+            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        else:
+            if shift_labels is None:
+                shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            next_tokens = shift_labels.to(hidden_states.device)
+            labelled = (next_tokens != -100).nonzero(as_tuple=True)  # (batch, position) indices
+            next_tokens = next_tokens[labelled]
+            if self.training:
+                # The LM head runs on the labelled positions only: a generation sample has none, and its
+                # vocabulary-wide logits (and their gradient) would be memory and time spent on nothing. With no
+                # labelled position in the batch, the head still runs, on zero rows: it stays in the graph and gets a
+                # zero gradient, so that DDP's reducer (even with find_unused_parameters=False) and gradient
+                # accumulation see it every step. Selecting the rows reads their count on the host, once per step.
+                logits = self.lm_head(hidden_states[labelled])
+                labelled_logits = logits
+            else:
+                logits = self.lm_head(hidden_states)
+                labelled_logits = logits[labelled]
+            lm_loss = self.next_token_loss(labelled_logits, next_tokens, num_items_in_batch)
         x0 = None
         # A Tuna2Cache keeps the flow head's keys in step with the language model's, even where nothing is generated.
         if targets or flow_head_cache is not None:
-            x0 = self.predict_x0(outputs, targets, flow_head_cache, **kwargs)
+            x0 = self.predict_x0(
+                outputs.last_hidden_state,
+                outputs.time_embeds,
+                targets,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=flow_head_cache,
+                **kwargs,
+            )
 
-        loss = lm_loss = flow_loss = None
-        if labels is not None or shift_labels is not None:
-            lm_loss = self.next_token_loss(logits, labels, num_items_in_batch, shift_labels)
+        loss = flow_loss = None
         if clean_images is not None or lm_loss is not None:
             if clean_images is not None and targets:
                 flow_loss = self.flow_loss(x0, [clean_images[i] for i in targets], timesteps[targets])
@@ -1049,26 +1102,48 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
 
     def predict_x0(
         self,
-        outputs: Tuna2ModelOutputWithPast,
+        hidden_states: torch.Tensor,
+        time_embeds: torch.Tensor | None,
         targets: list[int],
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> list[torch.Tensor]:
-        """Runs the flow head on the language model's `outputs` and returns the `(C, H, W)` x0 prediction of each
-        image listed in `targets` (the time slot dropped, the patches un-patchified with `config.output_layout`)."""
-        spans = outputs.image_spans
-        hidden_states = outputs.last_hidden_state
-        time_embeds = outputs.time_embeds
-        if time_embeds is None:  # a text-only prefix: the head runs to extend its cache
+        """Runs the flow head on the language model's final `hidden_states` `(batch_size, seq_len, hidden_size)` and
+        the images' `time_embeds` `(num_images, hidden_size)`, and returns the `(C, H, W)` x0 prediction of each image
+        listed in `targets` (the time slot dropped, the patches un-patchified with `config.output_layout`). The other
+        arguments are the model's inputs: the head reads the image spans, positions and attention mask from them as
+        the language model did, over its own cache `past_key_values` (which holds as many positions as the language
+        model's did before this call)."""
+        model = self.model
+        if pixel_values is None:  # a text-only prefix: the head runs to extend its cache
+            spans = Tuna2ImageSpans.without_images(*hidden_states.shape[:2], hidden_states.device)
             time_embeds = hidden_states.new_zeros(0, hidden_states.shape[-1])
-        if outputs.is_causal is not None:
-            kwargs["is_causal"] = outputs.is_causal
+        else:
+            patch_size = self.config.patch_size
+            grids = [(image.shape[-2] // patch_size, image.shape[-1] // patch_size) for image in pixel_values]
+            spans = model.image_spans(input_ids, inputs_embeds, grids)
+        if position_ids is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = model.default_position_ids(hidden_states, attention_mask, past_length)
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+        else:
+            attention_mask = model.create_attention_mask(
+                hidden_states, attention_mask, past_key_values, position_ids, spans, layer_types=("full_attention",)
+            )["full_attention"]
+            if spans.fill_each_row:
+                kwargs["is_causal"] = False  # as in the language model
         head_output = self.flow_head(
             hidden_states,
             time_embeds,
             spans,
-            outputs.position_ids,
-            outputs.causal_mask_mapping["full_attention"],
+            position_ids,
+            attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         )
@@ -1108,16 +1183,21 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         )
         return squared_error / sum(x.numel() for x in clean)
 
-    def next_token_loss(self, logits, labels, num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
-        """Cross-entropy of the shifted labels (or of `shift_labels`, already shifted); 0 (not NaN) when every label
-        is ignored, still attached to the graph so that every rank runs the same backward."""
-        targets = shift_labels if shift_labels is not None else labels[:, 1:]
-        if (targets != -100).any():
-            vocab_size = self.config.text_config.vocab_size
-            return self.loss_function(
-                logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
-            )
-        return logits.sum() * 0.0
+    def next_token_loss(
+        self,
+        logits: torch.Tensor,
+        next_tokens: torch.LongTensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of the `(num_labelled, vocab_size)` logits of the labelled positions against their
+        `(num_labelled,)` next tokens, summed and divided by `num_items_in_batch` (the label count of the accumulated
+        batch) or by `num_labelled`. 0 (not NaN) when nothing is labelled, still attached to the graph."""
+        loss = nn.functional.cross_entropy(logits.float(), next_tokens, reduction="sum")
+        if num_items_in_batch is None:
+            return loss / max(next_tokens.numel(), 1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
 
 
 __all__ = [
