@@ -37,15 +37,28 @@ def folder(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="module")
+def demo_with_code(tmp_path_factory):
+    """The shipped demo saved with the whole code, as a folder that no longer needs the package."""
+    path = tmp_path_factory.mktemp("demo_with_code")
+    Tuna2Pipeline.from_pretrained(DEMO).save_pretrained(path, save_pipeline_code=True)
+    return path
+
+
 @pytest.fixture(params=["saved", "demo"])
 def path(request, folder):
     return folder if request.param == "saved" else DEMO
 
 
-def test_the_folder_names_its_pipeline_module_which_needs_no_package(path):
-    index = json.loads((path / "model_index.json").read_text())
+@pytest.fixture(params=["saved", "demo"])
+def path_with_code(request, folder, demo_with_code):
+    return folder if request.param == "saved" else demo_with_code
+
+
+def test_the_folder_names_its_pipeline_module_which_needs_no_package(path_with_code):
+    index = json.loads((path_with_code / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_tuna2", "Tuna2Pipeline"]
-    code = "\n".join(file.read_text() for file in path.glob("*.py"))
+    code = "\n".join(file.read_text() for file in path_with_code.glob("*.py"))
     assert re.findall(r"^\s*(?:from|import) (?:diffusers|transformers)_tuna2", code, flags=re.MULTILINE) == []
 
 
@@ -84,15 +97,15 @@ def test_saving_the_pipeline_code_writes_the_models_code(tmp_path):
     } <= {file.name for file in tmp_path.glob("*.py")}
 
 
-def test_the_demo_carries_the_code_the_package_saves_today(tmp_path):
-    """The demo's copies of the code go stale when the package changes: regenerate them with
-    `Tuna2Pipeline.from_pretrained(demo).save_pretrained(folder, save_pipeline_code=True)` and copy the `.py` files."""
-    Tuna2Pipeline.from_pretrained(DEMO).save_pretrained(tmp_path, save_pipeline_code=True)
-    saved = {file.name: file.read_text() for file in tmp_path.glob("*.py")}
-    assert {file.name: file.read_text() for file in DEMO.glob("*.py")} == saved
+def test_the_demo_names_the_packages_pipeline():
+    """The demo ships inside the package: its pipeline module is the package's, not a copy that could go stale."""
+    assert json.loads((DEMO / "model_index.json").read_text())["_class_name"] == ["pipeline_tuna2", "Tuna2Pipeline"]
+    assert [file.name for file in DEMO.glob("*.py")] == ["pipeline_tuna2.py"]
+    assert DiffusionPipeline.from_pretrained(DEMO, trust_remote_code=True).__class__ is Tuna2Pipeline
 
 
-def test_loads_where_the_package_is_not_installed(tmp_path, path):
+def test_loads_where_the_package_is_not_installed(tmp_path, path_with_code):
+    path = path_with_code
     np.save(tmp_path / "expected.npy", images(Tuna2Pipeline.from_pretrained(path)))
     script = textwrap.dedent(
         f"""
