@@ -671,7 +671,7 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             input_ids=prefix_ids,
             attention_mask=prefix_mask,
             pixel_values=conditions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -714,7 +714,7 @@ class Tuna2Pipeline(DiffusionPipeline, LoraBaseMixin):
             "pixel_values": pixel_values,
             "timesteps": torch.where(is_target.to(t.device), t, 1.0),
             "image_roles": prompt_inputs.image_roles,
-            "past_key_values": prompt_inputs.past_key_values,
+            "cache": prompt_inputs.past_key_values,
         }
 
     def guidance_scale_at(self, t: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling, torch_compilable_check
 
@@ -474,7 +475,7 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Final (normed) hidden states of the language model.
-    past_key_values (`Cache`, *optional*):
+    cache (`Cache`, *optional*):
         Key/value cache of the language model.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden states of every language-model layer, when asked for.
@@ -494,7 +495,7 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     time_embeds: torch.FloatTensor | None = None
@@ -517,7 +518,7 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
         `lm_loss_weight * lm_loss + flow_loss_weight * flow_loss`, when `labels` or images to noise are given.
     logits (`torch.FloatTensor` of shape `(batch_size, logits_to_keep or sequence_length, vocab_size)`):
         Language-model logits.
-    past_key_values (`Cache`, *optional*):
+    cache (`Cache`, *optional*):
         The cache, extended: a [`Tuna2Cache`] when one was given, else the language model's cache.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden states of every language-model layer, when asked for.
@@ -534,7 +535,7 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     x0: torch.FloatTensor | list[torch.FloatTensor] | None = None
@@ -607,7 +608,7 @@ class Tuna2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "Tuna2FlowHeadBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = True
@@ -758,7 +759,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
                 config=self.config.text_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=past_key_values,
             )
             return {"full_attention": mask}
         block_sequence_ids = None
@@ -770,12 +771,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
             config=self.config.text_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=past_key_values,
             position_ids=position_ids,
             block_sequence_ids=block_sequence_ids,
         )
         return {"full_attention": mask}
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -784,7 +786,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         timesteps: torch.Tensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -809,7 +811,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = self.default_position_ids(inputs_embeds, attention_mask, past_length)
         # Scaled RoPE (linear, dynamic, yarn, ...) is there to go past max_position_embeddings.
@@ -847,7 +849,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         causal_mask_mapping, is_causal = attention_mask, None
         if not isinstance(causal_mask_mapping, dict):
             causal_mask_mapping = self.create_attention_mask(
-                inputs_embeds, attention_mask, past_key_values, position_ids, spans
+                inputs_embeds, attention_mask, cache, position_ids, spans
             )
             if spans.fill_each_row:
                 # The mask, when there is one, is the padding alone; without one, sdpa must not fall back to causal.
@@ -858,13 +860,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=causal_mask_mapping,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
         return Tuna2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             time_embeds=time_embeds,
@@ -924,11 +926,11 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
+        self, input_ids, cache=None, attention_mask=None, inputs_embeds=None, **kwargs
     ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             **kwargs,
@@ -939,6 +941,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = attention_mask
         return model_inputs
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -948,7 +951,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         image_roles: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -976,7 +979,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             loss, and in training mode `UNDERSTANDING` images are lightly noised with `understanding_noise_prob`.
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding (of the cached positions too).
-        past_key_values (`Cache`, *optional*):
+        cache (`Cache`, *optional*):
             A [`Tuna2Cache`] extends the language model and the flow head together (generating an image after
             cached positions needs one); any other cache is the language model's, as in `generate()`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -999,12 +1002,12 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
                 pixel_values, timesteps, clean_images = self.noise_images(pixel_values, image_roles)
         targets = [] if image_roles is None else (image_roles == Tuna2ImageRole.TARGET).nonzero().flatten().tolist()
 
-        if (targets or isinstance(past_key_values, Tuna2Cache)) and self.flow_head is None:
+        if (targets or isinstance(cache, Tuna2Cache)) and self.flow_head is None:
             raise ValueError(NO_FLOW_HEAD_ERROR)
-        language_model_cache, flow_head_cache = past_key_values, None
-        if isinstance(past_key_values, Tuna2Cache):
-            language_model_cache, flow_head_cache = past_key_values.language_model, past_key_values.flow_head
-        elif targets and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        language_model_cache, flow_head_cache = cache, None
+        if isinstance(cache, Tuna2Cache):
+            language_model_cache, flow_head_cache = cache.language_model, cache.flow_head
+        elif targets and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("generating after cached positions needs a Tuna2Cache, with the flow head keys too")
 
         outputs = self.model(
@@ -1013,7 +1016,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             timesteps=timesteps,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=language_model_cache,
+            cache=language_model_cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
@@ -1039,7 +1042,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         return Tuna2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if flow_head_cache is not None else outputs.past_key_values,
+            cache=cache if flow_head_cache is not None else outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             x0=stack_if_same_size(x0) if targets else None,
