@@ -225,7 +225,9 @@ class Tuna2ImageProcessor(BaseImageProcessor):
         resolution = resolution or self.resolution
         size = size if size is not None else self.size
         resize_mode = resize_mode or self.resize_mode
-        options = {name: getattr(self, name) if kwargs.get(name) is None else kwargs[name] for name in SUPPORTED_OPTIONS}
+        options = {
+            name: kwargs[name] if kwargs.get(name) is not None else getattr(self, name) for name in SUPPORTED_OPTIONS
+        }
         pixel_values = []
         for image in flatten_images(images):
             image = to_pil(image)

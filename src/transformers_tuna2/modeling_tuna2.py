@@ -848,9 +848,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
 
         causal_mask_mapping, is_causal = attention_mask, None
         if not isinstance(causal_mask_mapping, dict):
-            causal_mask_mapping = self.create_attention_mask(
-                inputs_embeds, attention_mask, cache, position_ids, spans
-            )
+            causal_mask_mapping = self.create_attention_mask(inputs_embeds, attention_mask, cache, position_ids, spans)
             if spans.fill_each_row:
                 # The mask, when there is one, is the padding alone; without one, sdpa must not fall back to causal.
                 is_causal = False
@@ -925,9 +923,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def prepare_inputs_for_generation(
-        self, input_ids, cache=None, attention_mask=None, inputs_embeds=None, **kwargs
-    ):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, inputs_embeds=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             cache=cache,
