@@ -5,7 +5,9 @@ import copy
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.utils import logging
 
 from .configuration_tuna2 import Tuna2ImageRole
@@ -224,7 +226,12 @@ class Tuna2Processor(ProcessorMixin):
         ]
         return {"input_ids": encoding["input_ids"], "labels": labels, "pixel_values": pixel_values}
 
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        **kwargs: Unpack[Tuna2ProcessorKwargs],
+    ) -> BatchFeature:
         """
         Args:
             images: images for the placeholders, in order (one list, or one list per sample); PIL images, arrays,
