@@ -2,8 +2,10 @@
 inputs and outputs and in the masking helpers) and transformers' `image-text-to-text` pipeline."""
 
 import logging
+import re
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from transformers.utils import logging as transformers_logging
 
 from diffusers_tuna2 import Tuna2Pipeline, demo_model_path
 from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration
+
+README = Path(__file__).parents[1] / "README.md"
 
 
 class Recorder(logging.Handler):
@@ -109,3 +113,29 @@ def test_text_pipeline_gives_what_generate_gives(folder, checkpoint, chats):
     assert full["generated_text"] == [*chats[0], {"role": "assistant", "content": expected[0]}]
     batched = text_pipeline(text=chats, generate_kwargs=GENERATION, return_full_text=False)
     assert [answer["generated_text"] for (answer,) in batched] == expected
+
+
+def test_readme_text_pipeline_example_answers_as_generate_does(monkeypatch):
+    """The README's `image-text-to-text` example, run as written (from the repository's root, for its image)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(block for block in blocks if '"image-text-to-text"' in block)
+    namespace = {}
+    monkeypatch.chdir(README.parent)
+    exec(compile(example, "README.md", "exec"), namespace)
+    model = Tuna2ForConditionalGeneration.from_pretrained(demo_model_path()).eval()
+    processor = AutoProcessor.from_pretrained(demo_model_path())
+    inputs = [
+        processor.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        for chat in namespace["chats"]
+    ]
+    with torch.no_grad():
+        expected = [
+            processor.decode(
+                model.generate(**x, max_new_tokens=8)[0, x.input_ids.shape[1] :], skip_special_tokens=True
+            )
+            for x in inputs
+        ]
+    assert namespace["reply"] == {"role": "assistant", "content": expected[0]}
+    assert [answer["generated_text"] for (answer,) in namespace["answers"]] == expected == ["circle", "right"]
