@@ -593,11 +593,11 @@ def phase_decode(model, processor) -> dict:
 
     inputs = understanding_inputs(model, processor)
     prefill = model(**inputs, use_cache=True, logits_to_keep=1)
-    cache, next_token = prefill.past_key_values, prefill.logits[:, -1:].argmax(-1)
+    cache, next_token = prefill.cache, prefill.logits[:, -1:].argmax(-1)
     mask = torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=inputs["attention_mask"].dtype)
 
     def step():
-        model(input_ids=next_token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=next_token, attention_mask=mask, cache=cache, use_cache=True)
         cache.crop(-1)  # back to the prompt, for the next repeat
 
     times = []

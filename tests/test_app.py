@@ -111,15 +111,17 @@ def scripted_answer(tokenizer, text: str, failure: Exception | None = None):
     return generate
 
 
-def test_answers_stream_word_by_word(client, pipe, shapes, tmp_path, monkeypatch):
+def test_answers_stream_as_they_are_decoded(client, pipe, shapes, tmp_path, monkeypatch):
+    """The answer grows as transformers' streamer decodes it: by whole words before transformers 5.24, as soon as a
+    token is decoded since."""
     sentence = "It is a blue square in the center."
     monkeypatch.setattr(pipe.model, "generate", scripted_answer(pipe.processor.tokenizer, sentence))
     image = handle_file(saved_render(shapes, tmp_path, "blue", "square", "center"))
     job = client.submit(image, "Describe the image.", api_name="/ask")
     job.result()
-    shown = [answer(chat) for chat, _ in job.outputs()]
-    words = sentence.split()
-    assert [text.strip() for text in shown] == [" ".join(words[:n]) for n in range(1, len(words) + 1)] + [sentence]
+    shown = [answer(chat).strip() for chat, _ in job.outputs()]
+    assert shown[-1] == sentence and len(set(shown)) >= len(sentence.split())
+    assert all(sentence.startswith(text) and len(text) <= len(later) for text, later in zip(shown, shown[1:]))
 
 
 def test_a_failing_model_is_one_line_and_the_app_keeps_serving(client, pipe, shapes, tmp_path, monkeypatch):

@@ -91,3 +91,55 @@ def test_bad_images_raise_clear_errors():
         processor("not an image")
     with pytest.raises(ValueError, match="uint8, or float"):
         processor(np.zeros((8, 8, 3), dtype=np.int64))
+
+
+def random_image(height=32, width=48, seed=0) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_transformers_options_default_to_the_official_values_and_are_saved(tmp_path):
+    processor = Tuna2ImageProcessor(size={"height": 32, "width": 48})
+    official = dict(do_convert_rgb=True, do_resize=True, do_rescale=True, do_normalize=True)
+    official |= dict(rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    assert {name: getattr(processor, name) for name in official} == official
+    assert processor.resample == PIL.Image.BICUBIC
+    image = random_image()
+    values = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    assert torch.equal(processor(image)["pixel_values"][0], (values / 255 - 0.5) / 0.5)
+
+    Tuna2ImageProcessor(do_normalize=False, image_std=[0.25, 0.5, 1.0], do_resize=False).save_pretrained(tmp_path)
+    reloaded = Tuna2ImageProcessor.from_pretrained(tmp_path)
+    assert (reloaded.do_normalize, reloaded.image_std, reloaded.do_resize) == (False, [0.25, 0.5, 1.0], False)
+
+
+def test_each_transformers_option_changes_the_pixels_as_transformers_processors_do():
+    processor = Tuna2ImageProcessor(size={"height": 32, "width": 48})
+    image = random_image()
+    values = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+    def pixels(**options):
+        return processor(image, **options)["pixel_values"][0]
+
+    assert torch.equal(pixels(do_normalize=False), values / 255)
+    assert torch.equal(pixels(do_rescale=False), (values - 0.5) / 0.5)
+    assert torch.equal(pixels(do_rescale=False, do_normalize=False), values)
+    assert torch.equal(pixels(rescale_factor=-1.0, do_normalize=False), -values)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    expected = (values / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(pixels(image_mean=mean, image_std=std), expected, rtol=0, atol=1e-6)
+    assert torch.equal(pixels(image_mean=0.0, image_std=1.0), values / 255)
+    nearest = processor(random_image(16, 16), resample=PIL.Image.NEAREST)["pixel_values"][0]
+    assert torch.equal(nearest[:, ::2, ::3], processor(random_image(16, 16), do_resize=False)["pixel_values"][0])
+
+
+def test_do_resize_and_do_convert_rgb_can_be_turned_off():
+    processor = Tuna2ImageProcessor()
+    assert processor(random_image(32, 48), do_resize=False)["pixel_values"].shape == (1, 3, 32, 48)
+    with pytest.raises(ValueError, match="do_resize=False, the image's size 30x48 must be a multiple of the patch"):
+        processor(random_image(30, 48), do_resize=False)
+    grey = PIL.Image.new("L", (16, 16), 255)
+    assert processor(grey, do_resize=False)["pixel_values"].shape == (1, 3, 16, 16)
+    kept_grey = processor(grey, do_resize=False, do_convert_rgb=False, image_mean=0.5, image_std=0.5)
+    assert torch.equal(kept_grey["pixel_values"], torch.ones(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"one per channel of the image \(1\); got 3 and 3"):
+        processor(grey, do_resize=False, do_convert_rgb=False)

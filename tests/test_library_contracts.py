@@ -51,11 +51,9 @@ def test_processor_names_the_modality_it_does_not_take(processor, modality):
 
 
 UNSUPPORTED_IMAGE_OPTIONS = [
-    dict(do_rescale=False),
-    dict(rescale_factor=1.0),
-    dict(do_normalize=False),
-    dict(image_mean=[0.0, 0.0, 0.0]),
-    dict(do_resize=False),
+    dict(do_center_crop=True),
+    dict(crop_size={"height": 8, "width": 8}),
+    dict(do_pad=True),
 ]
 
 

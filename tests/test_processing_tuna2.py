@@ -4,7 +4,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from transformers_tuna2 import Tuna2ImageProcessor, Tuna2Processor
-from tuna2_training.tiny import build_processor
+from tuna2_training.tiny import build_processor, build_tokenizer
 
 
 def test_single_image_question_reproduces_official_evaluation_sequence(official_tokenizer, official_reference):
@@ -110,8 +110,6 @@ def test_saved_processor_pads_on_the_left_so_batched_generation_matches_one_by_o
     chat generates alone: the processor saved with a model pads on the left."""
     build_processor(tokenizer, size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     processor = AutoProcessor.from_pretrained(tmp_path)
-    assert processor.tokenizer.padding_side == "left"
-    assert AutoTokenizer.from_pretrained(tmp_path).padding_side == "left"  # written to tokenizer_config.json
 
     def chat(colour, question):
         image = PIL.Image.new("RGB", (32, 32), colour)
@@ -133,3 +131,15 @@ def test_a_tokenizer_created_with_a_padding_side_keeps_it(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     right = AutoTokenizer.from_pretrained(tmp_path, padding_side="right")
     assert build_processor(right).tokenizer.padding_side == "right"
+
+
+def test_the_processor_leaves_the_tokenizer_it_is_handed_as_it_was():
+    """Left padding is the processor's default, not a change made to the caller's tokenizer."""
+    tokenizer = build_tokenizer()
+    side, init_kwargs = tokenizer.padding_side, dict(tokenizer.init_kwargs)
+    processor = Tuna2Processor(Tuna2ImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+    assert processor.tokenizer is tokenizer
+    assert side == "right" and tokenizer.padding_side == side and tokenizer.init_kwargs == init_kwargs
+    batch = processor(text=["a", "a longer text"], padding=True, return_tensors="pt")
+    assert batch.attention_mask.tolist()[0][:1] == [0] and batch.attention_mask[:, -1].all()
+    assert tokenizer(["a", "a longer text"], padding=True).attention_mask[0][-1] == 0  # the tokenizer still pads right

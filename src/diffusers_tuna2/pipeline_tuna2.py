@@ -714,7 +714,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             input_ids=prefix_ids.to(device),
             attention_mask=prefix_mask.to(device),
             pixel_values=inputs["pixel_values"].to(device) if sources is not None else None,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -760,7 +760,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             "pixel_values": pixel_values,
             "timesteps": torch.where(is_target.to(t.device), t, 1.0),
             "image_roles": prompt_inputs.image_roles,
-            "past_key_values": prompt_inputs.past_key_values,
+            "cache": prompt_inputs.past_key_values,
         }
 
     def guidance_scale_at(self, t: torch.Tensor) -> float:

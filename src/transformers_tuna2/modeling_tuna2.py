@@ -31,6 +31,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward, rotate_half
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
@@ -514,7 +515,7 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Final (normed) hidden states of the language model.
-    past_key_values (`Cache`, *optional*):
+    cache (`Cache`, *optional*):
         Key/value cache of the language model.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden states of every language-model layer, when asked for.
@@ -525,7 +526,7 @@ class Tuna2ModelOutputWithPast(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     time_embeds: torch.FloatTensor | None = None
@@ -539,7 +540,7 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, logits_to_keep or sequence_length, vocab_size)`):
         Language-model logits. In training mode with labels, those of the labelled positions only, in batch order:
         `(num_labelled_positions, vocab_size)`.
-    past_key_values (`Cache`, *optional*):
+    cache (`Cache`, *optional*):
         The cache, extended: a [`Tuna2Cache`] when one was given, else the language model's cache.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Hidden states of every language-model layer, when asked for.
@@ -556,7 +557,7 @@ class Tuna2CausalLMOutputWithPast(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     x0: torch.FloatTensor | list[torch.FloatTensor] | None = None
@@ -629,7 +630,7 @@ class Tuna2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "Tuna2FlowHeadBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = True
@@ -791,7 +792,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
             "config": text_config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            "cache": past_key_values,
         }
         if spans.fill_each_row:
             full_mask, sliding_mask = create_bidirectional_mask, create_bidirectional_sliding_window_mask
@@ -810,6 +811,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
             masks["sliding_attention"] = sliding_mask(**mask_kwargs)
         return masks
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -818,7 +820,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         timesteps: torch.Tensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -842,7 +844,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = self.default_position_ids(inputs_embeds, attention_mask, past_length)
 
@@ -866,9 +868,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
 
         causal_mask_mapping = attention_mask
         if not isinstance(causal_mask_mapping, dict):
-            causal_mask_mapping = self.create_attention_mask(
-                inputs_embeds, attention_mask, past_key_values, position_ids, spans
-            )
+            causal_mask_mapping = self.create_attention_mask(inputs_embeds, attention_mask, cache, position_ids, spans)
             if spans.fill_each_row:
                 # The mask, when there is one, is the padding alone; without one, sdpa must not fall back to causal.
                 kwargs["is_causal"] = False
@@ -877,13 +877,13 @@ class Tuna2Model(Tuna2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=causal_mask_mapping,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
         return Tuna2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             time_embeds=time_embeds,
@@ -938,12 +938,10 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs
-    ):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, inputs_embeds=None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             **kwargs,
@@ -954,6 +952,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = attention_mask
         return model_inputs
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -963,7 +962,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         image_roles: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -992,7 +991,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             mode nothing is drawn: `TARGET` images need their `timesteps` (a `ValueError` otherwise).
         attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding (of the cached positions too).
-        past_key_values (`Cache`, *optional*):
+        cache (`Cache`, *optional*):
             A [`Tuna2Cache`] extends the language model and the flow head together (generating an image after
             cached positions needs one); any other cache is the language model's, as in `generate()`.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1022,12 +1021,12 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
                     "a training batch in training mode only (`model.train()`)"
                 )
 
-        if (targets or isinstance(past_key_values, Tuna2Cache)) and self.flow_head is None:
+        if (targets or isinstance(cache, Tuna2Cache)) and self.flow_head is None:
             raise ValueError(NO_FLOW_HEAD_ERROR)
-        language_model_cache, flow_head_cache = past_key_values, None
-        if isinstance(past_key_values, Tuna2Cache):
-            language_model_cache, flow_head_cache = past_key_values.language_model, past_key_values.flow_head
-        elif targets and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        language_model_cache, flow_head_cache = cache, None
+        if isinstance(cache, Tuna2Cache):
+            language_model_cache, flow_head_cache = cache.language_model, cache.flow_head
+        elif targets and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("generating after cached positions needs a Tuna2Cache, with the flow head keys too")
 
         outputs = self.model(
@@ -1036,7 +1035,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             timesteps=timesteps,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=language_model_cache,
+            cache=language_model_cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
@@ -1076,7 +1075,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
                 pixel_values=pixel_values,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=flow_head_cache,
+                cache=flow_head_cache,
                 **kwargs,
             )
 
@@ -1092,7 +1091,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         return Tuna2CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values if flow_head_cache is not None else outputs.past_key_values,
+            cache=cache if flow_head_cache is not None else outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             x0=stack_if_same_size(x0) if targets else None,
@@ -1110,14 +1109,14 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> list[torch.Tensor]:
         """Runs the flow head on the language model's final `hidden_states` `(batch_size, seq_len, hidden_size)` and
         the images' `time_embeds` `(num_images, hidden_size)`, and returns the `(C, H, W)` x0 prediction of each image
         listed in `targets` (the time slot dropped, the patches un-patchified with `config.output_layout`). The other
         arguments are the model's inputs: the head reads the image spans, positions and attention mask from them as
-        the language model did, over its own cache `past_key_values` (which holds as many positions as the language
+        the language model did, over its own cache `cache` (which holds as many positions as the language
         model's did before this call)."""
         model = self.model
         if pixel_values is None:  # a text-only prefix: the head runs to extend its cache
@@ -1128,13 +1127,13 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             grids = [(image.shape[-2] // patch_size, image.shape[-1] // patch_size) for image in pixel_values]
             spans = model.image_spans(input_ids, inputs_embeds, grids)
         if position_ids is None:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_length = cache.get_seq_length() if cache is not None else 0
             position_ids = model.default_position_ids(hidden_states, attention_mask, past_length)
         if isinstance(attention_mask, dict):
             attention_mask = attention_mask["full_attention"]
         else:
             attention_mask = model.create_attention_mask(
-                hidden_states, attention_mask, past_key_values, position_ids, spans, layer_types=("full_attention",)
+                hidden_states, attention_mask, cache, position_ids, spans, layer_types=("full_attention",)
             )["full_attention"]
             if spans.fill_each_row:
                 kwargs["is_causal"] = False  # as in the language model
@@ -1144,7 +1143,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
             spans,
             position_ids,
             attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=cache,
             **kwargs,
         )
         patch_outputs = head_output[spans.is_patch].split([h * w for h, w in spans.grids])

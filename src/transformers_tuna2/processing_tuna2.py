@@ -5,7 +5,9 @@ import copy
 
 import torch
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.image_utils import ImageInput
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTokenizedInput, TextInput
 from transformers.utils import logging
 
 from .configuration_tuna2 import Tuna2ImageRole
@@ -63,7 +65,9 @@ def official_text_budget(num_span_slots: int, editing: bool) -> int | None:
 
 class Tuna2ProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: Tuna2ImageProcessorKwargs
-    _defaults = {"text_kwargs": {"padding": False, "add_special_tokens": False}}
+    # Generation appends to the right end of every row, so a batch of prompts is padded on the left, as in
+    # transformers' VLM processors; a tokenizer created with an explicit `padding_side` overrides it.
+    _defaults = {"text_kwargs": {"padding": False, "add_special_tokens": False, "padding_side": "left"}}
 
 
 class Tuna2Processor(ProcessorMixin):
@@ -76,8 +80,8 @@ class Tuna2Processor(ProcessorMixin):
 
     Args:
         image_processor ([`Tuna2ImageProcessor`]): the image processor.
-        tokenizer ([`Qwen2TokenizerFast`]): the tokenizer, with the Qwen special tokens. It pads on the left unless
-            it was created with another `padding_side`.
+        tokenizer ([`Qwen2TokenizerFast`]): the tokenizer, with the Qwen special tokens; left as it is. The processor
+            pads on the left unless the tokenizer was created with another `padding_side`.
         chat_template (`str`, *optional*): defaults to the Qwen2.5 template with image items.
     """
 
@@ -87,11 +91,6 @@ class Tuna2Processor(ProcessorMixin):
     vision_end_token = "<|vision_end|>"
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # Generation appends to the right end of every row, so a batch of prompts is padded on the left, as in
-        # transformers' VLM processors. Kept in `init_kwargs`, it is saved to tokenizer_config.json with the processor;
-        # a tokenizer created with an explicit `padding_side` keeps it.
-        if tokenizer is not None and "padding_side" not in tokenizer.init_kwargs:
-            tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
@@ -227,7 +226,12 @@ class Tuna2Processor(ProcessorMixin):
         ]
         return {"input_ids": encoding["input_ids"], "labels": labels, "pixel_values": pixel_values}
 
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | PreTokenizedInput | list[TextInput] | list[PreTokenizedInput] | None = None,
+        **kwargs: Unpack[Tuna2ProcessorKwargs],
+    ) -> BatchFeature:
         """
         Args:
             images: images for the placeholders, in order (one list, or one list per sample); PIL images, arrays,
