@@ -264,10 +264,10 @@ def test_base_model_output_holds_what_users_read(processor, model):
     inputs, _ = image_prompt(processor, model)
     with torch.no_grad():
         outputs = model.model(**inputs, timesteps=torch.tensor([0.5]), use_cache=True, output_hidden_states=True)
-    assert list(outputs.keys()) == ["last_hidden_state", "past_key_values", "hidden_states", "time_embeds"]
+    assert list(outputs.keys()) == ["last_hidden_state", "cache", "hidden_states", "time_embeds"]
     assert set(Tuna2ModelOutputWithPast.__dataclass_fields__) == {
         "last_hidden_state",
-        "past_key_values",
+        "cache",
         "hidden_states",
         "attentions",
         "time_embeds",
