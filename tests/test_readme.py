@@ -2,6 +2,7 @@
 every document, run as written on the shipped demo unless the text right above it says what it needs."""
 
 import importlib.util
+import json
 import logging
 import re
 import runpy
@@ -15,6 +16,7 @@ import pytest
 import torch
 from transformers.utils import logging as transformers_logging
 
+import diffusers_tuna2
 from diffusers_tuna2 import cli
 from tuna2_training.tiny import build_processor, tiny_model
 
@@ -309,4 +311,8 @@ def test_the_demo_recipe_runs_shortened(tmp_path, monkeypatch):
     assert {command[1] for command in commands} == set(SHORTENED) | {"examples/shapes/init_model.py"}
     for command in commands:
         run_command(shortened(command))
-    assert (tmp_path / "shipped" / "model_index.json").is_file()
+    shipped = tmp_path / "shipped"
+    # The shipped folder is laid out as the package's demo: its pipeline module names the package's pipeline.
+    assert json.loads((shipped / "model_index.json").read_text())["_class_name"] == ["pipeline_tuna2", "Tuna2Pipeline"]
+    demo_module = Path(diffusers_tuna2.demo_model_path()) / "pipeline_tuna2.py"
+    assert (shipped / "pipeline_tuna2.py").read_text() == demo_module.read_text()

@@ -2,9 +2,9 @@
 
     python examples/shapes/ship.py --checkpoint shapes-demo
 
-Writes weights, configuration, processor, scheduler and `model_index.json` to src/diffusers_tuna2/demo_model/; the
-code is the installed package's, so the `auto_map` entries and the code copies that `save_pretrained` adds for
-`trust_remote_code` are left out.
+Writes weights, configuration, processor, scheduler and `model_index.json` to src/diffusers_tuna2/demo_model/. The
+code is the installed package's: the folder's pipeline module, which `DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)` reads, imports the package's pipeline instead of holding a copy of the code.
 """
 
 import argparse
@@ -18,13 +18,22 @@ DEMO_FOLDER = Path(__file__).parents[2] / "src" / "diffusers_tuna2" / "demo_mode
 MAX_BYTES = 60 * 2**20
 
 
-def without_remote_code(folder: Path):
-    for code in folder.glob("*.py"):
-        code.unlink()
-    for path in folder.glob("*.json"):
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and data.pop("auto_map", None) is not None:
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+PIPELINE_MODULE = '''"""The pipeline module `model_index.json` names, for `DiffusionPipeline.from_pretrained(folder,
+trust_remote_code=True)`. The shapes demo ships inside `diffusers_tuna2`, so its module is the package's; a folder
+saved with `Tuna2Pipeline.save_pretrained(..., save_pipeline_code=True)` holds the whole code instead."""
+
+from diffusers_tuna2.pipeline_tuna2 import Tuna2Pipeline
+
+__all__ = ["Tuna2Pipeline"]
+'''
+
+
+def name_the_packages_pipeline(folder: Path):
+    """`model_index.json` names the folder's pipeline module, which imports the package's."""
+    (folder / "pipeline_tuna2.py").write_text(PIPELINE_MODULE)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline_tuna2", index["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def main():
@@ -42,7 +51,7 @@ def main():
         if getattr(args, key) is not None:
             pipe.register_to_config(**{key: getattr(args, key)})
     pipe.save_pretrained(output)
-    without_remote_code(output)
+    name_the_packages_pipeline(output)
     size = sum(path.stat().st_size for path in output.rglob("*") if path.is_file())
     if size > MAX_BYTES:
         raise SystemExit(f"error: the demo folder is {size / 2**20:.1f} MiB, more than {MAX_BYTES / 2**20:.0f} MiB")
