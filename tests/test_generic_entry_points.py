@@ -20,6 +20,7 @@ import diffusers_tuna2
 from diffusers_tuna2 import Tuna2Pipeline
 from tuna2_training.tiny import build_processor, tiny_model
 
+PACKAGES = {"diffusers_tuna2", "transformers_tuna2", "tuna2_training", "tuna2_eval"}
 GENERATE = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
 DEMO = Path(diffusers_tuna2.demo_model_path())
 
@@ -110,10 +111,15 @@ def test_loads_where_the_package_is_not_installed(tmp_path, path_with_code):
     script = textwrap.dedent(
         f"""
         import sys
-        from pathlib import Path
 
-        # The package is installed editable (a path in site-packages) and may be on PYTHONPATH: drop both.
-        sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "diffusers_tuna2").is_dir()]
+
+        class NotInstalled:  # this project's packages are missing, however they are installed (editable or not)
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {PACKAGES!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}")
+
+
+        sys.meta_path.insert(0, NotInstalled())
         for package in ("diffusers_tuna2", "transformers_tuna2"):
             try:
                 __import__(package)

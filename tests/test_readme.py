@@ -133,6 +133,10 @@ MARKED = {
     ("README.md", 'pipe = Tuna2Pipeline.from_pretrained("./tuna2-7b")'),
     ("README.md", 'pip install ".[test]"'),
     ("app.md", 'pip install ".[app]"'),
+    ("evaluation.md", "lmms-eval --model tuna2"),
+    ("evaluation.md", "tuna2 bench-images geneval geneval/prompts"),
+    ("evaluation.md", "tuna2 bench-images dpg ELLA"),
+    ("evaluation.md", "tuna2 bench-images imgedit ImgEdit"),
     ("app.md", "import torch"),
     ("attention.md", 'tuna2 attend photo.jpg "Where is the helmet?"'),
     ("demo.md", "python examples/shapes/make_data.py"),
@@ -228,7 +232,7 @@ def run_snippets(document: Path, tmp_path, monkeypatch) -> list[str]:
     what it left out: install lines, and the snippets that need the `quant` extra when it is not installed."""
     from diffusers_tuna2 import demo_model_path
 
-    for folder in ("examples", "conversion", "benchmarks"):
+    for folder in ("examples", "conversion", "benchmarks", "docs"):
         (tmp_path / folder).symlink_to(ROOT / folder)
     monkeypatch.chdir(tmp_path)
     scenes = ROOT / "src" / "diffusers_tuna2" / "app_examples"
