@@ -85,6 +85,20 @@ def downloaded(allow_patterns) -> set[str]:
     return {name for name in HUB_REPO if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns)}
 
 
+@pytest.fixture
+def hub_requests(tmp_path, monkeypatch):
+    """A hub holding HUB_REPO whose `snapshot_download` records its options and returns `tmp_path / "snapshot"`."""
+    requests = []
+
+    def snapshot_download(repo_id, **download_options):
+        requests.append(download_options)
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(pipeline_tuna2, "list_repo_files", lambda repo_id, **kw: HUB_REPO)
+    monkeypatch.setattr(pipeline_tuna2, "snapshot_download", snapshot_download)
+    return requests
+
+
 @pytest.mark.parametrize(
     "options, weights",
     [
@@ -101,35 +115,19 @@ def downloaded(allow_patterns) -> set[str]:
         ({"variant": "bf16"}, {"model.bf16.safetensors"}),
     ],
 )
-def test_hub_download_brings_one_variant_in_one_format(tmp_path, monkeypatch, options, weights):
-    requests = []
-
-    def snapshot_download(repo_id, **download_options):
-        requests.append(download_options)
-        return str(tmp_path / "snapshot")
-
-    monkeypatch.setattr(pipeline_tuna2, "list_repo_files", lambda repo_id, **kw: HUB_REPO)
-    monkeypatch.setattr(pipeline_tuna2, "snapshot_download", snapshot_download)
+def test_hub_download_brings_one_variant_in_one_format(tmp_path, hub_requests, options, weights):
     assert Tuna2Pipeline.download("someone/tuna2", **options) == tmp_path / "snapshot"
 
-    (request,) = requests
+    (request,) = hub_requests
     configs = {name for name in HUB_REPO if name.endswith((".json", ".jinja")) and "model." not in name}
     assert downloaded(request["allow_patterns"]) == configs | weights
 
 
-def test_loading_a_hub_variant_downloads_only_it(tmp_path, pipe, monkeypatch):
+def test_loading_a_hub_variant_downloads_only_it(tmp_path, pipe, hub_requests):
     pipe.save_pretrained(tmp_path / "snapshot", variant="fp16")
-    requests = []
-
-    def snapshot_download(repo_id, **download_options):
-        requests.append(download_options)
-        return str(tmp_path / "snapshot")
-
-    monkeypatch.setattr(pipeline_tuna2, "list_repo_files", lambda repo_id, **kw: HUB_REPO)
-    monkeypatch.setattr(pipeline_tuna2, "snapshot_download", snapshot_download)
     loaded = Tuna2Pipeline.from_pretrained("someone/tuna2", variant="fp16", revision="main")
     assert torch.equal(loaded.model.lm_head.weight, pipe.model.lm_head.weight)
-    (request,) = requests
+    (request,) = hub_requests
     assert request["revision"] == "main"
     weights = {name for name in downloaded(request["allow_patterns"]) if name.startswith(("model.", "pytorch_model"))}
     assert weights == {
