@@ -1,10 +1,11 @@
-"""Tuna-2 configuration: a Qwen2 language model, a pixel patch embedding and an adaLN flow head."""
+"""Tuna-2 configuration: a Qwen2 language model, a pixel patch embedding (Tuna-2) or a SigLIP vision encoder (Tuna-R),
+and an adaLN flow head."""
 
 from enum import IntEnum
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import Qwen2Config
+from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 OUTPUT_LAYOUTS = ("raster", "patch")
@@ -34,9 +35,24 @@ class Tuna2Config(PreTrainedConfig):
     Configuration of [`Tuna2ForConditionalGeneration`]: Qwen2 reads text and raw image patches; a 16-block adaLN
     flow head turns the LLM's final hidden states of each image span into clean pixels (x-prediction).
 
+    With a `vision_config`, the model is Tuna-R, the paper's encoder variant: a SigLIP vision encoder (truncated after
+    `vision_feature_layer`, no head, no final LayerNorm) and a projector replace the patch embedding, on the same
+    pixels (the noisy `z_t` of an image being generated, the clean image otherwise).
+
     Args:
         text_config (`Qwen2Config` or `dict`):
             The language model. Its `hidden_size` is also the width of the patch embedding and of the flow head.
+        vision_config (`SiglipVisionConfig` or `dict`, *optional*):
+            Tuna-R's SigLIP vision encoder, `None` for Tuna-2. Its `image_size` sets the size of the position table
+            (`(image_size / patch_size)**2` rows, bicubically resampled for any other patch grid); its `patch_size`
+            must be `patch_size`. Its `vision_use_head` is set to `False`: the model has no pooling head.
+        vision_feature_layer (`int`, defaults to -2):
+            Tuna-R: the encoder layer whose output the model reads, counted as Python indexes the
+            `num_hidden_layers` layers (-2, the second-to-last, keeps 26 of SigLIP2 so400m's 27). The layers after it
+            are not built.
+        projector_norm_eps (`float`, defaults to 1e-6):
+            Tuna-R: epsilon of the RMSNorm that starts the projector (RMSNorm, Linear, GELU, Linear) from the
+            encoder's width to the LLM's.
         patch_size (`int`, defaults to 16):
             Side of the square pixel patches; image sides must be multiples of it.
         num_channels (`int`, defaults to 3):
@@ -96,9 +112,15 @@ class Tuna2Config(PreTrainedConfig):
     """
 
     model_type = "tuna2"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=Qwen2Config)}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=Qwen2Config),
+        "vision_config": SubConfigSpec(config_class=SiglipVisionConfig, optional=True),
+    }
 
     text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int = -2
+    projector_norm_eps: float = 1e-6
     patch_size: int = 16
     num_channels: int = 3
     patch_norm_eps: float = float(torch.finfo(torch.float32).eps)
@@ -142,6 +164,35 @@ class Tuna2Config(PreTrainedConfig):
             self.image_rope_sections = [16, 24, 24]
         self.check_flow_head_settings()
         super().__post_init__(**kwargs)
+        if self.vision_config is not None:
+            self.vision_config.vision_use_head = False  # the model reads patch features, never SigLIP's pooled output
+            self.check_vision_settings()
+
+    @property
+    def num_vision_layers(self) -> int:
+        """Tuna-R: the number of SigLIP encoder layers the model keeps (up to `vision_feature_layer`)."""
+        if self.vision_feature_layer >= 0:
+            return self.vision_feature_layer + 1
+        return self.vision_config.num_hidden_layers + self.vision_feature_layer + 1
+
+    def check_vision_settings(self):
+        """Raises a `ValueError` naming the first setting of the vision encoder that does not fit the model."""
+        vision = self.vision_config
+        if vision.patch_size != self.patch_size or vision.num_channels != self.num_channels:
+            raise ValueError(
+                f"the vision encoder reads {vision.num_channels}-channel {vision.patch_size}-pixel patches, but the "
+                f"flow head writes {self.num_channels}-channel {self.patch_size}-pixel patches: they must be the same"
+            )
+        if vision.image_size % vision.patch_size:
+            raise ValueError(
+                f"vision_config.image_size ({vision.image_size}) must be a multiple of its patch_size "
+                f"({vision.patch_size})"
+            )
+        if not 1 <= self.num_vision_layers <= vision.num_hidden_layers:
+            raise ValueError(
+                f"vision_feature_layer {self.vision_feature_layer} is not a layer of the "
+                f"{vision.num_hidden_layers}-layer vision encoder"
+            )
 
     def check_flow_head_settings(self):
         """Raises a `ValueError` naming the first inconsistent setting."""
@@ -182,6 +233,25 @@ class Tuna2Config(PreTrainedConfig):
             pad_token_id=151665,
         )
         return cls(text_config=text_config, **kwargs)
+
+    @classmethod
+    def tuna_r_7b(cls, **kwargs) -> "Tuna2Config":
+        """The exact configuration of the official Tuna-R 7B (`configs/model/tuna_2r_pixel_7b.yaml`): the Tuna-2 7B's
+        LLM and flow head, with SigLIP2 so400m patch16 at 512 (a 32x32 position table) read at its second-to-last
+        layer, and no mask token."""
+        vision_config = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=512,
+            patch_size=16,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+            vision_use_head=False,
+        )
+        kwargs = {"vision_config": vision_config, "vision_feature_layer": -2, "use_mask_token": False, **kwargs}
+        return cls.tuna2_7b(**kwargs)
 
 
 __all__ = ["Tuna2Config", "Tuna2ImageRole"]

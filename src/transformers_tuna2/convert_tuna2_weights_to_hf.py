@@ -117,6 +117,11 @@ OFFICIAL_PREFIXES = (
     ("tuna.model.", "model.language_model."),
     ("tuna.lm_head.", "lm_head."),
     ("vision_encoder.", "model.patch_embed."),
+    # Tuna-R: the SigLIP tower (no head, no post_layernorm) and `siglip_proj` (RMSNorm, Linear, GELU, Linear).
+    ("vision_model.", "model.vision_tower."),
+    ("siglip_proj.0.", "model.multi_modal_projector.norm."),
+    ("siglip_proj.1.", "model.multi_modal_projector.linear_1."),
+    ("siglip_proj.3.", "model.multi_modal_projector.linear_2."),
     ("time_embed.", "model.time_embed."),
     ("diffusion_head_a.", "flow_head.layers."),
     ("diffusion_head_b.", "flow_head.final_layer."),

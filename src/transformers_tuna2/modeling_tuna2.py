@@ -1,7 +1,9 @@
 """Tuna-2: a unified multimodal model on raw pixels (arXiv 2604.24763).
 
-A Conv2d patch embedding feeds Qwen2 directly (no vision encoder, no VAE). Each image occupies one span of the token
-sequence: a time slot (the timestep embedding) followed by one slot per patch. Attention is causal, and bidirectional
+A Conv2d patch embedding feeds Qwen2 directly (no vision encoder, no VAE). Tuna-R, the paper's encoder variant (a
+config with a `vision_config`), embeds the same pixels with a truncated SigLIP vision encoder and a projector instead.
+Each image occupies one span of the token sequence: a time slot (the timestep embedding) followed by one slot per
+patch. Attention is causal, and bidirectional
 inside each span. For generation, a flow head of adaLN-Zero blocks reads the LLM's final hidden states and predicts
 the clean image (x0) of every span.
 
@@ -15,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, LlamaConfig, Qwen2Model
+from transformers import GenerationMixin, LlamaConfig, Qwen2Model, SiglipVisionModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -202,6 +204,33 @@ class Tuna2TimestepEmbedder(nn.Module):
         dtype = self.mlp[0].weight.dtype
         # The official model quantises t to the model dtype before embedding it.
         return self.mlp(timestep_sinusoids(t.to(dtype), self.frequency_dim).to(dtype))
+
+
+class Tuna2MultiModalProjector(nn.Module):
+    """Tuna-R: SigLIP features `(n, num_patches, vision_hidden_size)` -> LLM embeddings
+    `(n, num_patches, hidden_size)`, through RMSNorm, Linear, GELU (exact) and Linear (the official `siglip_proj`)."""
+
+    def __init__(self, config: Tuna2Config):
+        super().__init__()
+        vision_hidden_size, hidden_size = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.norm = Qwen2RMSNorm(vision_hidden_size, eps=config.projector_norm_eps)
+        self.linear_1 = nn.Linear(vision_hidden_size, hidden_size, bias=True)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(self.norm(image_features))))
+
+
+def truncated_vision_tower(config: Tuna2Config) -> SiglipVisionModel:
+    """Tuna-R's encoder: transformers' SigLIP vision model with the layers after `config.vision_feature_layer`
+    removed and no final LayerNorm (the official model replaces it with the identity), so that its
+    `last_hidden_state` is the output of the feature layer. It is built on `config.vision_config` itself, so that the
+    attention implementation chosen for the model reaches it."""
+    tower = SiglipVisionModel(config.vision_config)
+    tower.encoder.layers = tower.encoder.layers[: config.num_vision_layers]
+    tower.post_layernorm = nn.Identity()
+    return tower
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -629,7 +658,7 @@ class Tuna2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2DecoderLayer", "Tuna2FlowHeadBlock"]
+    _no_split_modules = ["Qwen2DecoderLayer", "Tuna2FlowHeadBlock", "SiglipEncoderLayer", "SiglipVisionEmbeddings"]
     _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -656,7 +685,7 @@ class Tuna2PreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
                 init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.Conv2d):  # the patch embedding
+        elif isinstance(module, nn.Conv2d):  # Tuna-2's patch embedding (SigLIP initialises its own modules)
             init.xavier_uniform_(module.weight)
             init.zeros_(module.bias)
         else:
@@ -666,12 +695,19 @@ class Tuna2PreTrainedModel(PreTrainedModel):
 
 
 class Tuna2Model(Tuna2PreTrainedModel):
-    """The Qwen2 language model with the pixel patch embedding, the timestep embedder and the mask token."""
+    """The Qwen2 language model with the image embedding (Tuna-2's pixel patch embedding, or Tuna-R's SigLIP vision
+    tower and projector), the timestep embedder and the mask token."""
 
     def __init__(self, config: Tuna2Config):
         super().__init__(config)
         self.language_model = Qwen2Model(config.text_config)
-        self.patch_embed = Tuna2PatchEmbedding(config)
+        if config.vision_config is None:
+            self.patch_embed = Tuna2PatchEmbedding(config)
+            self.vision_tower = self.multi_modal_projector = None
+        else:
+            self.patch_embed = None
+            self.vision_tower = truncated_vision_tower(config)
+            self.multi_modal_projector = Tuna2MultiModalProjector(config)
         self.time_embed = Tuna2TimestepEmbedder(config)
         hidden_size = config.text_config.hidden_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if config.use_mask_token else None
@@ -688,8 +724,8 @@ class Tuna2Model(Tuna2PreTrainedModel):
         self, pixel_values: torch.Tensor | list[torch.Tensor], timesteps: torch.Tensor | None = None, **kwargs
     ) -> Tuna2ImageFeaturesOutput:
         """
-        Embeds each image into the rows of its span. There is no vision encoder: `output_hidden_states` and
-        `output_attentions` have nothing to add.
+        Embeds each image into the rows of its span: its time slot, then its patches (Tuna-2's patch embedding, or
+        Tuna-R's projected SigLIP features). `output_hidden_states` and `output_attentions` have nothing to add.
 
         Args:
             pixel_values (`torch.Tensor` of shape `(num_images, num_channels, height, width)`, or a list of
@@ -703,7 +739,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
         """
         images = make_image_list(pixel_values)
         grids = check_image_sizes(images, self.config.patch_size, self.config.num_channels)
-        device = self.patch_embed.patch_embedding.weight.device
+        device = self.time_embed.mlp[0].weight.device
         if device.type == "meta":  # offloaded by accelerate's hooks, which move each module's inputs themselves
             device = images[0].device
         if timesteps is None:
@@ -713,9 +749,9 @@ class Tuna2Model(Tuna2PreTrainedModel):
             raise ValueError(f"got {timesteps.shape[0]} timesteps for {len(images)} images")
         time_embeds = self.time_embed(timesteps)
         if isinstance(pixel_values, torch.Tensor):
-            patch_embeds = list(self.patch_embed(pixel_values.to(device)).unbind(0))
+            patch_embeds = list(self.embed_patches(pixel_values.to(device)).unbind(0))
         else:
-            patch_embeds = [self.patch_embed(image[None].to(device))[0] for image in images]
+            patch_embeds = [self.embed_patches(image[None].to(device))[0] for image in images]
         if self.training and self.mask_token is not None:
             patch_embeds = [self.mask_patches(embeds) for embeds in patch_embeds]
         span_embeds = [torch.cat([time[None], patches]) for time, patches in zip(time_embeds, patch_embeds)]
@@ -725,6 +761,19 @@ class Tuna2Model(Tuna2PreTrainedModel):
             time_embeds=time_embeds,
             image_grids=grids,
         )
+
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(n, C, H, W)` images of one size -> `(n, h*w, hidden_size)` patch embeddings, token k being patch
+        `(k // w, k % w)`.
+
+        Tuna-R runs SigLIP on the pixels as they are (the noisy `z_t` of an image being generated too, in [-1, 1]
+        like SigLIP's own normalisation), and always asks for the interpolated position table: transformers resamples
+        it bicubically unless the grid is the table's square grid, as the official model does."""
+        if self.vision_tower is None:
+            return self.patch_embed(pixel_values)
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        features = self.vision_tower(pixel_values.to(dtype), interpolate_pos_encoding=True).last_hidden_state
+        return self.multi_modal_projector(features)
 
     def mask_patches(self, patch_embeds: torch.Tensor) -> torch.Tensor:
         """Masked image modelling (training only): draws r ~ U(mask_ratio_min, mask_ratio_max) and replaces
@@ -1202,6 +1251,7 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
 __all__ = [
     "Tuna2PreTrainedModel",
     "Tuna2Model",
+    "Tuna2MultiModalProjector",
     "Tuna2ForConditionalGeneration",
     "Tuna2Cache",
 ]
