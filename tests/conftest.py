@@ -13,6 +13,7 @@ from transformers_tuna2.convert_tuna2_weights_to_hf import official_to_hf_key
 from tuna2_training.tiny import build_processor, build_tokenizer, tiny_config, tiny_model
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+OFFICIAL_2R = Path(__file__).parent / "fixtures" / "official_2r"
 SHAPES_EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes"
 SFT_EXAMPLE = Path(__file__).parents[1] / "examples" / "sft.py"
 
@@ -86,13 +87,44 @@ def official_tokenizer():
 @pytest.fixture(scope="session")
 def official_model(official_tokenizer):
     """Our model carrying the official fixture weights (official key names mapped to ours)."""
+    config = tiny_config(official_tokenizer, text_config=official_tiny_text_config(official_tokenizer))
+    model = Tuna2ForConditionalGeneration(config).eval()
+    official = load_file(OFFICIAL / "official.safetensors")
+    model.load_state_dict({official_to_hf_key(key): value for key, value in official.items()}, strict=True)
+    return model
+
+
+def official_tiny_text_config(tokenizer) -> dict:
+    """The Qwen2 config of the official references' tiny LLM, with the vocabulary of their tokenizer."""
     text_config = json.loads((OFFICIAL / "qwen_tiny_config.json").read_text())
     for key in ("architectures", "model_type", "torch_dtype", "transformers_version"):
         text_config.pop(key, None)
-    text_config["vocab_size"] = len(official_tokenizer)
-    config = tiny_config(official_tokenizer, text_config=text_config)
+    text_config["vocab_size"] = len(tokenizer)
+    return text_config
+
+
+@pytest.fixture(scope="session")
+def official_2r_reference():
+    return load_file(OFFICIAL_2R / "reference_subset.safetensors")
+
+
+@pytest.fixture(scope="session")
+def official_2r_model(official_tokenizer):
+    """Our Tuna-R carrying the official Tuna-R fixture weights (official key names mapped to ours). The tokenizer and
+    the LLM are the Tuna-2 reference's; the SigLIP config is the official file's with its position table at 64 pixels
+    (4x4 patches) and the second-to-last of its 3 layers read, as the official model was built."""
+    vision_config = json.loads((OFFICIAL_2R / "siglip_tiny_config.json").read_text())
+    vision_config.pop("architectures")
+    vision_config["image_size"] = 64
+    config = tiny_config(
+        official_tokenizer,
+        text_config=official_tiny_text_config(official_tokenizer),
+        vision_config=vision_config,
+        vision_feature_layer=-2,
+        use_mask_token=False,
+    )
     model = Tuna2ForConditionalGeneration(config).eval()
-    official = load_file(OFFICIAL / "official.safetensors")
+    official = load_file(OFFICIAL_2R / "official.safetensors")
     model.load_state_dict({official_to_hf_key(key): value for key, value in official.items()}, strict=True)
     return model
 
