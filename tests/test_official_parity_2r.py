@@ -15,6 +15,9 @@ from transformers_tuna2 import Tuna2ImageProcessor, Tuna2ImageRole, Tuna2Process
 CASES = json.loads((OFFICIAL_2R / "cases.json").read_text())
 NUM_STEPS = 4
 X0_ATOL = 1e-5  # as the Tuna-2 parity tests
+# The final state is about the last guided x0, `u + g (c - u)`, which carries up to 2g - 1 times the ~1e-5 error of
+# each branch: Tuna-2's 5e-5 at its guidance 3 is 1e-4 at Tuna-R's guidance 4 and 5 (measured: up to 6.4e-5).
+Z_FINAL_ATOL = 1e-4
 
 
 def generation_inputs(reference, case, step):
@@ -127,10 +130,18 @@ def official_2r_pipe(official_2r_model, official_tokenizer):
     return pipeline
 
 
-def check(pipe, reference, case, **kwargs):
-    """The final state z within 5e-5 (as for Tuna-2) and the min-max decoded uint8 image within +-1."""
-    z, image = (pipe(output_type=output_type, **kwargs).images for output_type in ("latent", "np"))
-    torch.testing.assert_close(z, reference[f"{case}.z_final"][:, :, 0], atol=5e-5, rtol=0)
+def check(pipe, reference, case, seed=None, **kwargs):
+    """The final state z within `Z_FINAL_ATOL` and the min-max decoded uint8 image within +-1; each call seeded with
+    `seed` when given."""
+    z, image = (
+        pipe(
+            output_type=output_type,
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
+            **kwargs,
+        ).images
+        for output_type in ("latent", "np")
+    )
+    torch.testing.assert_close(z, reference[f"{case}.z_final"][:, :, 0], atol=Z_FINAL_ATOL, rtol=0)
     assert np.abs(image.astype(int) - reference[f"{case}.image_uint8"].numpy().astype(int)).max() <= 1
 
 
@@ -153,7 +164,7 @@ def test_text_to_image_from_the_official_seed(official_2r_pipe, official_2r_refe
         width=settings["width"],
         num_inference_steps=settings["num_inference_steps"],
         sampling_method=settings["sampling_method"],
-        generator=torch.Generator().manual_seed(settings["seed"]),
+        seed=settings["seed"],
         use_prefix_cache=use_prefix_cache,
     )
 

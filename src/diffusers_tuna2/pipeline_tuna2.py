@@ -2,7 +2,12 @@
 
 Sampling follows the official JiT sampler (t=1 is clean): `z_0 = noise_scale * eps`, the linear grid
 `t_i = i / num_inference_steps`, the model's x0 prediction guided on x0 and turned into the velocity
-`v = (x0 - z) / max(1 - t, t_eps)`, Euler steps, and the final state (not the last x0) as the image.
+`v = (x0 - z) / max(1 - t, t_eps)`, Euler steps (or the official Heun steps), and the final state (not the last x0)
+as the image.
+
+The same pipeline serves Tuna-R (a model whose config has a `vision_config`), with the official Tuna-R pipeline's
+differences: heun sampling and guidance 4 (text-to-image) and 5 (editing) by default, and the final state min-max
+rescaled to [-1, 1] before the uint8 conversion.
 """
 
 import inspect
@@ -31,7 +36,16 @@ from transformers_tuna2 import Tuna2Cache, Tuna2ForConditionalGeneration, Tuna2I
 from transformers_tuna2.flow_matching import guided_x0, timestep_grid, velocity
 from transformers_tuna2.processing_tuna2 import generation_length
 
-from .defaults import EDIT_GUIDANCE_SCALE, GUIDANCE_SCALE, IMAGE_SIZE, NUM_INFERENCE_STEPS
+from .defaults import (
+    EDIT_GUIDANCE_SCALE,
+    GUIDANCE_SCALE,
+    IMAGE_SIZE,
+    NUM_INFERENCE_STEPS,
+    SAMPLING_METHOD,
+    TUNA_R_EDIT_GUIDANCE_SCALE,
+    TUNA_R_GUIDANCE_SCALE,
+    TUNA_R_SAMPLING_METHOD,
+)
 from .lora_tuna2 import Tuna2LoraLoaderMixin
 
 logger = logging.get_logger(__name__)
@@ -59,13 +73,22 @@ DEFAULT_EDIT_NEGATIVE_PROMPT = (
     "edit, unintended color shift, blurry, watermark, jpeg artifacts, text artifacts, low quality, worst quality, "
     "bad composition"
 )
-# The pipeline's sampling settings saved in `model_index.json`, with their official values.
+# The pipeline's sampling settings saved in `model_index.json`, with their official values for Tuna-2.
 OFFICIAL_SAMPLING = {
     "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     "edit_negative_prompt": DEFAULT_EDIT_NEGATIVE_PROMPT,
     "guidance_scale": GUIDANCE_SCALE,
     "edit_guidance_scale": EDIT_GUIDANCE_SCALE,
+    "sampling_method": SAMPLING_METHOD,
 }
+# What the official Tuna-R ("siglip_pixel") sets differently (scripts/launch/predict.sh); the same negative prompts.
+OFFICIAL_TUNA_R_SAMPLING = {
+    **OFFICIAL_SAMPLING,
+    "guidance_scale": TUNA_R_GUIDANCE_SCALE,
+    "edit_guidance_scale": TUNA_R_EDIT_GUIDANCE_SCALE,
+    "sampling_method": TUNA_R_SAMPLING_METHOD,
+}
+SAMPLING_METHODS = ("euler", "heun")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # `save_pretrained(..., save_pipeline_code=True)` writes this module into the folder, where `model_index.json`'s
 # `_class_name` names it as `[module, class]` (diffusers' mechanism for pipelines outside its namespace), with the
@@ -132,6 +155,23 @@ WEIGHT_FILE = re.compile(
     r"|^(?:model|pytorch_model)\.(?P<index_format>safetensors|bin)\.index(?:\.(?P<index_variant>\w+))?\.json$"
 )
 COMPONENTS = ("model", "processor", "scheduler")
+
+
+def official_sampling(model: Tuna2ForConditionalGeneration) -> dict:
+    """The official sampling defaults of the model's variant: Tuna-2's, or Tuna-R's for a model with a vision
+    encoder."""
+    return OFFICIAL_TUNA_R_SAMPLING if model.config.vision_config is not None else OFFICIAL_SAMPLING
+
+
+def rescale_to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Tuna-R's decoding (the official `_decode_latents`): each `(3, H, W)` image of `images` `(N, 3, H, W)` min-max
+    rescaled in fp32 to [-1, 1], `(z - min) / (max - min + 1e-5) * 2 - 1`. The official pipeline rescales its whole
+    output tensor, which holds one image per call; here each image is rescaled alone, so that an image does not depend
+    on the rest of the batch."""
+    images = images.float()
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    return (images - low) / (high - low + 1e-5) * 2 - 1
 
 
 def hub_allow_patterns(
@@ -269,6 +309,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         negative_prompt (`str`, *optional*), edit_negative_prompt (`str`, *optional*): the checkpoint's default
             negative prompts for text-to-image and editing (saved in `model_index.json`). A model trained with
             caption dropout uses `""`.
+        sampling_method (`str`, *optional*): the checkpoint's default sampler, `"euler"` or `"heun"` (officially
+            Euler for Tuna-2, Heun for Tuna-R).
         guidance_scale (`float`, *optional*), edit_guidance_scale (`float`, *optional*): the checkpoint's default
             CFG scales for text-to-image and editing (saved in `model_index.json`).
 
@@ -291,6 +333,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         edit_negative_prompt: str | None = None,
         guidance_scale: float | None = None,
         edit_guidance_scale: float | None = None,
+        sampling_method: str | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -301,13 +344,17 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             "edit_negative_prompt": edit_negative_prompt,
             "guidance_scale": guidance_scale,
             "edit_guidance_scale": edit_guidance_scale,
+            "sampling_method": sampling_method,
         }
         # Not given: the sampling defaults saved with the checkpoint the model (or processor) was loaded from, else
-        # the official ones.
+        # the official ones of the model's variant.
         saved = self.sampling_defaults_of(model, processor) if None in given.values() else {}
+        official = official_sampling(model)
         self.register_to_config(
-            **{key: saved.get(key, OFFICIAL_SAMPLING[key]) if value is None else value for key, value in given.items()}
+            **{key: saved.get(key, official[key]) if value is None else value for key, value in given.items()}
         )
+        if self.config.sampling_method not in SAMPLING_METHODS:
+            raise ValueError(f"sampling_method must be one of {SAMPLING_METHODS}, got {self.config.sampling_method!r}")
 
     # ------------------------------------------------------------------------------------------------ saving/loading
 
@@ -398,7 +445,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
 
     @staticmethod
     def sampling_defaults(path: str | os.PathLike) -> dict:
-        """The default negative prompts and guidance scales a checkpoint folder's `model_index.json` sets, if any."""
+        """The default negative prompts, guidance scales and sampler a checkpoint folder's `model_index.json` sets, if
+        any."""
         index_file = Path(path) / MODEL_INDEX
         index = json.loads(index_file.read_text()) if index_file.is_file() else {}
         return {key: index[key] for key in OFFICIAL_SAMPLING if key in index}
@@ -763,6 +811,19 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             "cache": prompt_inputs.past_key_values,
         }
 
+    def predict_velocity(self, prompt_inputs: Tuna2EncodedPrompt, latents: torch.Tensor, t: torch.Tensor):
+        """The velocity `(N, 3, H, W)` of the states `latents` at time t: the model's x0, guided (with the scale of
+        `guidance_scale_at(t)`) when the prompts hold negative ones, as `v = (x0 - z) / max(1 - t, t_eps)`."""
+        states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
+        # One row of logits, which denoising does not read.
+        x0 = self.model(**self.step_inputs(prompt_inputs, states, t), logits_to_keep=1).x0
+        if prompt_inputs.past_key_values is not None:
+            prompt_inputs.past_key_values.crop(-prompt_inputs.input_ids.shape[1])
+        if self.do_classifier_free_guidance:
+            x0_cond, x0_uncond = x0.chunk(2)
+            x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
+        return velocity(x0, latents, t, self.model.config.t_eps)
+
     def guidance_scale_at(self, t: torch.Tensor) -> float:
         """The CFG scale at time t: the pipeline's inside `cfg_interval` (official rule), 1 outside."""
         low, high = self._cfg_interval
@@ -787,6 +848,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         width: int | None = None,
         num_inference_steps: int = NUM_INFERENCE_STEPS,
         guidance_scale: float | None = None,
+        sampling_method: str | None = None,
         cfg_interval: tuple[float, float] = (0.0, 1.0),
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -811,9 +873,14 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 `""` gives the empty unconditional prompt.
             height, width (`int`, *optional*): any multiples of the patch size (buckets: 512x512, 448x576, ...);
                 default to the processor's fixed size if it has one, else 512.
-            num_inference_steps (`int`, defaults to 50): Euler steps.
+            num_inference_steps (`int`, defaults to 50): sampler steps.
             guidance_scale (`float`, *optional*): CFG on x0; defaults to the pipeline's `guidance_scale` or
-                `edit_guidance_scale` (officially 3.0 and 2.0); 1.0 turns it off.
+                `edit_guidance_scale` (officially 3.0 and 2.0 for Tuna-2, 4.0 and 5.0 for Tuna-R); 1.0 turns it off.
+            sampling_method (`str`, *optional*): `"euler"` or `"heun"`, defaults to the pipeline's
+                `sampling_method` (officially Euler for Tuna-2, Heun for Tuna-R). Euler steps through the scheduler
+                (the default one is the official Euler sampler); Heun is the official sampler's: on the official grid
+                (the scheduler is not used), a Heun step (two model calls, the second at the next time) for every step
+                but the last, which is an Euler step.
             cfg_interval (`tuple[float, float]`, defaults to `(0.0, 1.0)`): CFG applies when
                 `t < high and (low == 0 or t > low)` (official rule); elsewhere the conditional x0 is used.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
@@ -821,7 +888,8 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             latents (`torch.Tensor`, *optional*): initial state `z_0` of shape `(num_images, 3, height, width)`.
             output_type (`str`, defaults to `"pil"`): `"pil"` or `"np"` (uint8 with the official conversion
                 `uint8(clamp((z + 1) / 2, 0, 1) * 255)`), `"pt"` (float `(N, 3, H, W)` in [0, 1]), `"latent"` (the
-                final state z in [-1, 1] pixel space).
+                final state z in [-1, 1] pixel space). For Tuna-R, each image's z is first min-max rescaled to
+                [-1, 1], as the official Tuna-R pipeline decodes (not for `"latent"`).
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, callback_kwargs)` after
                 each step; it may return `{"latents": ...}` to replace the state.
@@ -848,6 +916,9 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         height, width = self.image_size(height, width)
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
+        sampling_method = sampling_method or self.config.sampling_method
+        if sampling_method not in SAMPLING_METHODS:
+            raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}")
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(
             prompt,
@@ -889,14 +960,15 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
             )
         num_images = self.num_images(prompt_embeds)
         latents = self.prepare_latents(num_images, height, width, dtype, device, generator, latents)
-        if self.scheduler is not None:
+        heun = sampling_method == "heun"
+        grid = timestep_grid(num_inference_steps, dtype).to(device)
+        if self.scheduler is not None and not heun:
             sigmas = self.sigmas(num_inference_steps, dtype)
             timesteps, num_inference_steps = retrieve_timesteps(
                 self.scheduler, num_inference_steps, device, sigmas=sigmas
             )
             times = 1 - timesteps.float() / self.scheduler.config.num_train_timesteps
-        else:  # the official sampler's own Euler steps on its grid; the callbacks get the times t
-            grid = timestep_grid(num_inference_steps, dtype).to(device)
+        else:  # the official sampler's own steps on its grid; the callbacks get the times t
             times = timesteps = grid[:-1]
         self._num_timesteps = len(timesteps)
 
@@ -905,16 +977,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
                 if self.interrupt:
                     continue
                 t = times[i]
-                states = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
-                # One row of logits, which denoising does not read.
-                x0 = self.model(**self.step_inputs(prompt_embeds, states, t), logits_to_keep=1).x0
-                if prompt_embeds.past_key_values is not None:
-                    prompt_embeds.past_key_values.crop(-prompt_embeds.input_ids.shape[1])
-                if self.do_classifier_free_guidance:
-                    x0_cond, x0_uncond = x0.chunk(2)
-                    x0 = guided_x0(x0_cond, x0_uncond, self.guidance_scale_at(t))
-                v = velocity(x0, latents, t, self.model.config.t_eps)
-                if self.scheduler is None:
+                v = self.predict_velocity(prompt_embeds, latents, t)
+                if heun and i + 1 < len(timesteps):  # the official Heun step: the mean of v at both ends
+                    t_next = grid[i + 1]
+                    v_next = self.predict_velocity(prompt_embeds, latents + (t_next - t) * v, t_next)
+                    v = 0.5 * (v + v_next)
+                if self.scheduler is None or heun:
                     latents = latents + (grid[i + 1] - t) * v
                 else:  # the scheduler integrates in sigma = 1 - t, so its model output is dz/dsigma = -v
                     latents = self.scheduler.step(-v, timestep, latents, return_dict=False)[0]
@@ -928,10 +996,12 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
 
         if output_type == "latent":
             output = latents
-        elif output_type == "pt":
-            output = ((latents.float() + 1) / 2).clamp(0, 1)
         else:
-            output = self.processor.image_processor.postprocess(latents, output_type=output_type)
+            images = rescale_to_unit_range(latents) if self.model.config.vision_config is not None else latents
+            if output_type == "pt":
+                output = ((images.float() + 1) / 2).clamp(0, 1)
+            else:
+                output = self.processor.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output,)
