@@ -5,13 +5,22 @@
 
 `tuna2 convert` (and `conversion/convert_tuna2_to_hf.py`) runs this and adds the files of `Tuna2Pipeline`.
 
+Tuna-R, the official encoder variant (`Tuna2RPixel`, "siglip_pixel"), converts the same way; it is recognised by its
+SigLIP weights (`vision_model.*`), and needs the SigLIP config it was built from (`--siglip-config`, the
+`config.json` of the SigLIP2 checkpoint, e.g. google/siglip2-so400m-patch16-384): the checkpoint's shapes give the
+encoder's width, patch size, position-table size (`siglip_image_size`, 512 for the 7B) and kept layers (hence
+`vision_feature_layer`), the config its attention heads, activation and norm epsilon.
+
+    python -m transformers_tuna2.convert_tuna2_weights_to_hf --checkpoint tuna_2r_pixel_7b.pt \
+        --tokenizer /models/Qwen2.5-7B-Instruct --siglip-config /models/siglip2-so400m-patch16-384 --output ./tuna-r-7b
+
 Input: a `.pt`, `.pth` or `.bin` file (the zip format of `torch.save`) or a `.safetensors` file holding the state dict
-of the official `Tuna2Pixel`, raw or inside a training checkpoint (`model`, `state_dict` or `module` entries, keys
-prefixed by `module.`, `_orig_mod.`, `_fsdp_wrapped_module.` or `tuna_model.`). The configuration is read off the
-tensor shapes and the Qwen2 config of the base LLM (`config.json` of the `--tokenizer` folder, or `--base-config`),
-which holds what shapes cannot tell: the LLM's attention heads, RoPE and norm epsilon. Every weight of the model must
-be present with its expected shape; otherwise the conversion fails with the complete list of missing, unexpected and
-mis-shaped keys (the official loaders skip such keys silently).
+of the official `Tuna2Pixel` (or `Tuna2RPixel`), raw or inside a training checkpoint (`model`, `state_dict` or
+`module` entries, keys prefixed by `module.`, `_orig_mod.`, `_fsdp_wrapped_module.` or `tuna_model.`). The
+configuration is read off the tensor shapes and the Qwen2 config of the base LLM (`config.json` of the `--tokenizer`
+folder, or `--base-config`), which holds what shapes cannot tell: the LLM's attention heads, RoPE and norm epsilon.
+Every weight of the model must be present with its expected shape; otherwise the conversion fails with the complete
+list of missing, unexpected and mis-shaped keys (the official loaders skip such keys silently).
 
 Output: the config (`output_layout="raster"`, the official un-patchify), the weights as safetensors shards with their
 index, the tokenizer set up as officially ([PAD], <image>, <|vid_start|>, <|vid_end|> added), the processor, a
@@ -54,7 +63,15 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, Qwen2Config
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    SiglipConfig,
+    SiglipVisionConfig,
+)
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import logging
 
@@ -96,6 +113,10 @@ FLOW_K_PROJ = "flow_head.layers.0.self_attn.k_proj.weight"
 FLOW_GATE_PROJ = "flow_head.layers.0.mlp.gate_proj.weight"
 MASK_TOKEN = "model.mask_token"
 FLOW_LAYER = re.compile(r"^flow_head\.layers\.(\d+)\.")
+# Tuna-R's SigLIP tower.
+VISION_PATCH_CONV = "model.vision_tower.embeddings.patch_embedding.weight"
+VISION_POSITIONS = "model.vision_tower.embeddings.position_embedding.weight"
+VISION_LAYER = re.compile(r"^model\.vision_tower\.encoder\.layers\.(\d+)\.")
 
 # A weight whose std is this far (either way) from the median std of the same weight across layers is flagged.
 STD_OUTLIER_FACTOR = 2.0
@@ -425,11 +446,71 @@ def tuna2_config(text_config: Qwen2Config, tokenizer: PreTrainedTokenizerBase, *
     )
 
 
-def config_from_shapes(checkpoint: OfficialCheckpoint, text_config: Qwen2Config) -> dict:
+def load_vision_config(path: str | Path) -> SiglipVisionConfig:
+    """The SigLIP vision config of a SigLIP (or fixed-resolution SigLIP2) folder or `config.json` file: the vision
+    part of a full SigLIP config, or a vision config."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path} (the SigLIP config of Tuna-R's vision encoder)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json (the SigLIP config of Tuna-R's vision encoder)")
+    config = AutoConfig.from_pretrained(path)
+    if isinstance(config, SiglipConfig):
+        config = config.vision_config
+    if not isinstance(config, SiglipVisionConfig):
+        raise ValueError(f"{path} holds a {type(config).__name__}; Tuna-R's vision encoder is a SigLIP vision model")
+    config._name_or_path = ""
+    return config
+
+
+def vision_config_from_shapes(shapes: dict[str, tuple[int, ...]], vision_config: SiglipVisionConfig) -> dict:
+    """Tuna-R's vision fields: `vision_config` with the width, patch size and position-table size (`image_size`) of
+    the checkpoint's SigLIP tower, and the feature layer its number of kept layers gives."""
+    width, num_channels, patch_size, _ = shapes[VISION_PATCH_CONV]
+    if width != vision_config.hidden_size:
+        raise ValueError(
+            f"the checkpoint's SigLIP tower has width {width} but the SigLIP config says {vision_config.hidden_size}: "
+            "is --siglip-config the config of the SigLIP the checkpoint was built from?"
+        )
+    grid = math.isqrt(shapes[VISION_POSITIONS][0])
+    if grid * grid != shapes[VISION_POSITIONS][0]:
+        raise ValueError(f"the SigLIP position table has {shapes[VISION_POSITIONS][0]} rows, not a square grid")
+    num_kept = 1 + max((int(m.group(1)) for key in shapes if (m := VISION_LAYER.match(key))), default=-1)
+    if not 1 <= num_kept <= vision_config.num_hidden_layers:
+        raise ValueError(
+            f"the checkpoint's SigLIP tower has {num_kept} layers, the SigLIP config "
+            f"{vision_config.num_hidden_layers}: is --siglip-config the config of the SigLIP the checkpoint was built "
+            "from?"
+        )
+    vision_config.patch_size, vision_config.num_channels = patch_size, num_channels
+    vision_config.image_size = grid * patch_size  # the official `siglip_image_size` override
+    return dict(
+        vision_config=vision_config,
+        vision_feature_layer=num_kept - vision_config.num_hidden_layers - 1,
+        patch_size=patch_size,
+        num_channels=num_channels,
+    )
+
+
+def config_from_shapes(
+    checkpoint: OfficialCheckpoint, text_config: Qwen2Config, vision_config: SiglipVisionConfig | None = None
+) -> dict:
     """The Tuna2Config fields that the tensor shapes determine (the LLM's vocabulary size is set in `text_config`).
-    The flow head's attention shape comes from its projections and the per-head query norm."""
+    The flow head's attention shape comes from its projections and the per-head query norm. A Tuna-R checkpoint (with
+    SigLIP weights) needs the SigLIP config it was built from, `vision_config`."""
     shapes = {key: info.shape for key, info in checkpoint.infos.items()}
-    needed = (EMBEDDINGS, PATCH_CONV, TIME_MLP_IN, FLOW_Q_NORM, FLOW_Q_PROJ, FLOW_K_PROJ, FLOW_GATE_PROJ)
+    is_tuna_r = VISION_PATCH_CONV in shapes
+    if is_tuna_r and vision_config is None:
+        raise ValueError(
+            f"{checkpoint.path} is a Tuna-R checkpoint (it has SigLIP weights): give the SigLIP config it was built "
+            "from with --siglip-config"
+        )
+    if not is_tuna_r and vision_config is not None:
+        raise ValueError(
+            f"{checkpoint.path} is a Tuna-2 checkpoint (no SigLIP weights): --siglip-config is for Tuna-R"
+        )
+    image_embedding = (VISION_PATCH_CONV, VISION_POSITIONS) if is_tuna_r else (PATCH_CONV,)
+    needed = (EMBEDDINGS, *image_embedding, TIME_MLP_IN, FLOW_Q_NORM, FLOW_Q_PROJ, FLOW_K_PROJ, FLOW_GATE_PROJ)
     missing = [hf_to_official_key(key) for key in needed if key not in shapes]
     if missing:
         raise ValueError(f"cannot read a Tuna-2 configuration off {checkpoint.path}: it lacks {missing}")
@@ -440,7 +521,11 @@ def config_from_shapes(checkpoint: OfficialCheckpoint, text_config: Qwen2Config)
             "is it the config of the LLM the checkpoint was trained from?"
         )
     text_config.vocab_size = vocab_rows
-    _, num_channels, patch_size, _ = shapes[PATCH_CONV]
+    if is_tuna_r:
+        image_fields = vision_config_from_shapes(shapes, vision_config)
+    else:
+        _, num_channels, patch_size, _ = shapes[PATCH_CONV]
+        image_fields = dict(patch_size=patch_size, num_channels=num_channels)
     (head_dim,) = shapes[FLOW_Q_NORM]
     for projection in (FLOW_Q_PROJ, FLOW_K_PROJ):
         if shapes[projection][0] % head_dim:
@@ -449,8 +534,7 @@ def config_from_shapes(checkpoint: OfficialCheckpoint, text_config: Qwen2Config)
                 f"head dim {head_dim} given by {hf_to_official_key(FLOW_Q_NORM)}"
             )
     return dict(
-        patch_size=patch_size,
-        num_channels=num_channels,
+        **image_fields,
         timestep_frequency_dim=shapes[TIME_MLP_IN][1],
         flow_head_num_layers=1 + max(int(m.group(1)) for key in shapes if (m := FLOW_LAYER.match(key))),
         flow_head_num_attention_heads=shapes[FLOW_Q_PROJ][0] // head_dim,
@@ -475,11 +559,18 @@ def check_vocabulary(config: Tuna2Config, tokenizer: PreTrainedTokenizerBase):
 
 def describe_config(config: Tuna2Config) -> str:
     text = config.text_config
-    return (
+    description = (
         f"hidden size {text.hidden_size}, {text.num_hidden_layers} LLM layers, vocabulary {text.vocab_size}, "
         f"{config.flow_head_num_layers} flow-head blocks with {config.flow_head_num_attention_heads}/"
         f"{config.flow_head_num_key_value_heads} heads, patch {config.patch_size}"
     )
+    if config.vision_config is not None:
+        vision = config.vision_config
+        description += (
+            f"; Tuna-R: SigLIP of width {vision.hidden_size}, {config.num_vision_layers} of its "
+            f"{vision.num_hidden_layers} layers, position table for {vision.image_size} pixels"
+        )
+    return description
 
 
 def check_keys_and_shapes(checkpoint: OfficialCheckpoint, expected: dict[str, tuple[int, ...]], config: Tuna2Config):
@@ -748,16 +839,19 @@ def convert(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     report: bool = False,
+    siglip_config: str | Path | None = None,
 ) -> tuple[Tuna2Config, WeightStatistics | None]:
     """Converts an official checkpoint into the shared folder `output`. Returns the configuration and, with `report`,
-    the statistics of the written weights. Everything is checked before anything is written."""
+    the statistics of the written weights. Everything is checked before anything is written. A Tuna-R checkpoint
+    needs `siglip_config`, the SigLIP config (folder or `config.json`) it was built from."""
     output = Path(output)
     check_output_folder(output)
     checkpoint = OfficialCheckpoint(checkpoint_path)
     tokenizer = load_official_tokenizer(tokenizer_path)
     text_config = load_text_config(base_config or tokenizer_path)
+    vision_config = load_vision_config(siglip_config) if siglip_config is not None else None
     config = tuna2_config(
-        text_config, tokenizer, output_layout="raster", **config_from_shapes(checkpoint, text_config)
+        text_config, tokenizer, output_layout="raster", **config_from_shapes(checkpoint, text_config, vision_config)
     )
     check_vocabulary(config, tokenizer)
     with torch.device("meta"):
@@ -790,6 +884,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument(
         "--base-config", help="the base LLM's Qwen2 config.json (file or folder), if not in --tokenizer"
+    )
+    parser.add_argument(
+        "--siglip-config",
+        help="Tuna-R only: the SigLIP config (folder or config.json) its vision encoder was built from",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
@@ -829,6 +927,7 @@ def run(args: argparse.Namespace) -> str:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         max_shard_size=args.max_shard_size,
         report=args.report,
+        siglip_config=args.siglip_config,
     )
     summary = f"Wrote {args.output}: {describe_config(config)}"
     if statistics is None:

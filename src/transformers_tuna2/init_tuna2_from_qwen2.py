@@ -3,6 +3,12 @@ writes the folder that `AutoModelForImageTextToText` and `AutoProcessor` load.
 
     python -m transformers_tuna2.init_tuna2_from_qwen2 --qwen /models/Qwen2.5-7B-Instruct --output ./tuna2-7b-init
 
+With `--siglip`, a SigLIP (or fixed-resolution SigLIP2) checkpoint folder, it builds a Tuna-R, the paper's encoder
+variant, instead: as the official Tuna-R 7B,
+
+    python -m transformers_tuna2.init_tuna2_from_qwen2 --qwen /models/Qwen2.5-7B-Instruct \
+        --siglip /models/siglip2-so400m-patch16-384 --siglip-image-size 512 --output ./tuna-r-7b-init
+
 `tuna2 init` (and `conversion/init_from_qwen2.py`) runs this and adds the files of `Tuna2Pipeline`: `model_index.json`
 and `scheduler/`.
 
@@ -22,6 +28,13 @@ and `scheduler/`.
     what is kept here, so that training with the official recipe starts where the official run started;
   - final layer: adaLN modulation and output projection zero, so that x0 is predicted as 0 at first;
   - mask token: normal with std hidden_size ** -0.5.
+- Tuna-R (`--siglip`): the SigLIP vision weights up to `--vision-feature-layer` (-2: the second-to-last layer, 26 of
+  so400m's 27), without the pooling head and the final LayerNorm, which the model does not have; the projector
+  (RMSNorm, Linear, GELU, Linear) as officially: xavier-uniform weights, zero biases, norm weight ones; no mask token
+  (the official Tuna-R 7B has none). `--siglip-image-size` sets the size of the position table (the official 7B:
+  512, where the SigLIP2 checkpoint has 384). The official code then leaves the position table at its random
+  initialisation (its shape no longer matches); here the pretrained table is resampled bicubically to the new grid,
+  as the encoder itself resamples it for any other image size, so that the encoder starts as the pretrained one.
 - `--output-layout patch` (the default for new models) is the standard un-patchify; `raster` is the official
   flattening, needed only to match official weights.
 """
@@ -32,25 +45,27 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
-from .configuration_tuna2 import OUTPUT_LAYOUTS
+from .configuration_tuna2 import OUTPUT_LAYOUTS, Tuna2Config
 from .convert_tuna2_weights_to_hf import (
     DTYPES,
     check_output_folder,
     load_official_tokenizer,
     load_text_config,
+    load_vision_config,
     run_command,
     tuna2_config,
     tuna2_processor,
     understanding_generation_config,
 )
-from .modeling_tuna2 import Tuna2ForConditionalGeneration
+from .modeling_tuna2 import Tuna2ForConditionalGeneration, truncated_vision_tower
 from .processing_tuna2 import Tuna2Processor
 
 FLOW_HEAD_HEAD_DIM = 64  # the official flow head's 3-D RoPE is built for 64 channels per head
 FLOW_HEAD_QUERIES_PER_KEY = 4  # 56 query and 14 key/value heads in the official 7B
 LOADING_PROBLEMS = {"missing": "missing_keys", "unexpected": "unexpected_keys", "wrong shape": "mismatched_keys"}
+SIGLIP_POSITIONS = "embeddings.position_embedding.weight"
 
 
 def flow_head_shape(hidden_size: int, intermediate_size: int, num_layers: int) -> dict:
@@ -79,16 +94,43 @@ def load_qwen2(qwen_path: str | Path, dtype: torch.dtype | None) -> Qwen2ForCaus
 
 
 @torch.no_grad()
+def pretrained_vision_tower(siglip_path: str | Path, config: Tuna2Config, dtype: torch.dtype) -> SiglipVisionModel:
+    """Tuna-R's truncated SigLIP tower (`config.vision_config`, `config.vision_feature_layer`) with the weights of the
+    SigLIP checkpoint `siglip_path`; a position table of another size is the pretrained one, resampled bicubically
+    to the new grid. Raises a `ValueError` unless the checkpoint holds every weight of a SigLIP vision model."""
+    siglip, loading_info = SiglipVisionModel.from_pretrained(siglip_path, dtype=dtype, output_loading_info=True)
+    problems = {title: list(loading_info[key]) for title, key in LOADING_PROBLEMS.items() if loading_info[key]}
+    if problems:
+        details = "; ".join(f"{title}: {keys}" for title, keys in problems.items())
+        raise ValueError(f"{siglip_path} does not hold the weights of a SigLIP vision model ({details})")
+    with torch.device("cpu"):
+        tower = truncated_vision_tower(config).to(dtype)
+    wanted = tower.state_dict()
+    weights = {key: value for key, value in siglip.state_dict().items() if key in wanted}
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    if weights[SIGLIP_POSITIONS].shape != wanted[SIGLIP_POSITIONS].shape:
+        probe = weights[SIGLIP_POSITIONS].new_zeros(1, grid * grid, weights[SIGLIP_POSITIONS].shape[1])
+        size = config.vision_config.image_size
+        weights[SIGLIP_POSITIONS] = siglip.embeddings.interpolate_pos_encoding(probe, size, size)[0]
+    tower.load_state_dict(weights, strict=True)
+    return tower
+
+
+@torch.no_grad()
 def initialise_new_parts(model: Tuna2ForConditionalGeneration, dtype: torch.dtype):
-    """Creates, part by part in fp32 and then cast to `dtype`, everything that does not come from the LLM, with the
-    model's own initialisation, `_init_weights`, which is the official one (see the module docstring)."""
-    parts = [model.model.patch_embed, model.model.time_embed, *model.flow_head.layers, model.flow_head.final_layer]
+    """Creates, part by part in fp32 and then cast to `dtype`, everything that does not come from the LLM (or, for
+    Tuna-R, from SigLIP), with the model's own initialisation, `_init_weights`, which is the official one (see the
+    module docstring)."""
+    is_tuna_r = model.config.vision_config is not None
+    image_embedding = model.model.multi_modal_projector if is_tuna_r else model.model.patch_embed
+    parts = [image_embedding, model.model.time_embed, *model.flow_head.layers, model.flow_head.final_layer]
     for part in parts:
         part.to_empty(device="cpu")
         part.apply(model._init_weights)
         part.to(dtype)
-    model.model.mask_token = nn.Parameter(torch.empty(1, 1, model.config.text_config.hidden_size, dtype=dtype))
-    model._init_weights(model.model)  # the mask token
+    if model.config.use_mask_token:
+        model.model.mask_token = nn.Parameter(torch.empty(1, 1, model.config.text_config.hidden_size, dtype=dtype))
+        model._init_weights(model.model)  # the mask token
     still_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
     if still_meta:
         raise RuntimeError(f"weights left uninitialised: {still_meta}")
@@ -100,8 +142,13 @@ def init_from_qwen2(
     flow_head_layers: int = 16,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    siglip_path: str | Path | None = None,
+    siglip_image_size: int | None = None,
+    vision_feature_layer: int = -2,
 ) -> tuple[Tuna2ForConditionalGeneration, Tuna2Processor]:
-    """A new Tuna-2 on the Qwen2 model of `qwen_path`, in `dtype` (default: the Qwen2 checkpoint's)."""
+    """A new Tuna-2 on the Qwen2 model of `qwen_path`, in `dtype` (default: the Qwen2 checkpoint's). With
+    `siglip_path`, a Tuna-R on the SigLIP vision model of that folder, read at `vision_feature_layer`, with a position
+    table for `siglip_image_size` pixels (default: the checkpoint's)."""
     torch.manual_seed(seed)
     tokenizer = load_official_tokenizer(qwen_path)
     text_config = load_text_config(qwen_path)
@@ -109,12 +156,26 @@ def init_from_qwen2(
     qwen = load_qwen2(qwen_path, dtype)
     qwen.resize_token_embeddings(len(tokenizer))  # the official call: truncates, or grows with mean-resizing
     shape = flow_head_shape(text_config.hidden_size, text_config.intermediate_size, flow_head_layers)
-    config = tuna2_config(qwen.config, tokenizer, output_layout=output_layout, **shape)
+    vision = {}
+    if siglip_path is not None:
+        vision_config = load_vision_config(siglip_path)
+        if siglip_image_size is not None:
+            vision_config.image_size = siglip_image_size
+        vision = dict(
+            vision_config=vision_config,
+            vision_feature_layer=vision_feature_layer,
+            patch_size=vision_config.patch_size,
+            num_channels=vision_config.num_channels,
+            use_mask_token=False,
+        )
+    config = tuna2_config(qwen.config, tokenizer, output_layout=output_layout, **shape, **vision)
     with torch.device("meta"):
         model = Tuna2ForConditionalGeneration(config)
     # The language model's modules are taken over as they are: no copy of the LLM weights.
     model.model.language_model = qwen.model
     model.lm_head = qwen.lm_head
+    if siglip_path is not None:
+        model.model.vision_tower = pretrained_vision_tower(siglip_path, config, dtype)
     initialise_new_parts(model, dtype)
     model.generation_config = understanding_generation_config(config, tokenizer)
     return model.eval(), tuna2_processor(tokenizer, config)
@@ -131,6 +192,18 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtype of the Qwen2 checkpoint")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new parts' initialisation (default: 0)")
+    parser.add_argument("--siglip", help="build a Tuna-R on this SigLIP (or fixed-resolution SigLIP2) folder")
+    parser.add_argument(
+        "--siglip-image-size",
+        type=int,
+        help="Tuna-R: image size of the position table (default: the SigLIP checkpoint's; the official 7B: 512)",
+    )
+    parser.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        default=-2,
+        help="Tuna-R: the SigLIP layer read, the later ones dropped (default: -2, the second-to-last)",
+    )
     args = parser.parse_args(argv)
     args.prog = parser.prog
     return args
@@ -149,6 +222,9 @@ def run(args: argparse.Namespace) -> str:
         flow_head_layers=args.flow_head_layers,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         seed=args.seed,
+        siglip_path=args.siglip,
+        siglip_image_size=args.siglip_image_size,
+        vision_feature_layer=args.vision_feature_layer,
     )
     model.save_pretrained(output, max_shard_size=args.max_shard_size)
     processor.save_pretrained(output)

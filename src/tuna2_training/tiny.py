@@ -59,6 +59,23 @@ def tiny_config(tokenizer, **kwargs) -> Tuna2Config:
     return Tuna2Config(**defaults)
 
 
+def tiny_tuna_r_config(tokenizer, **kwargs) -> Tuna2Config:
+    """A tiny Tuna-R: the tiny Tuna-2 with a 3-layer SigLIP read at its second-to-last layer (as the 7B reads 26 of
+    27), whose position table is for 32x32 images (2x2 patches), so that any other size resamples it."""
+    vision_config = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
+    defaults = dict(vision_config=vision_config, vision_feature_layer=-2, use_mask_token=False)
+    return tiny_config(tokenizer, **{**defaults, **kwargs})
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Redraws every parameter (norm weights around 1), so that the zero-initialised adaLN and final layer matter."""
     generator = torch.Generator().manual_seed(seed)
@@ -72,4 +89,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
 def tiny_model(tokenizer, seed: int = 0, **config_kwargs) -> Tuna2ForConditionalGeneration:
     torch.manual_seed(seed)
     model = Tuna2ForConditionalGeneration(tiny_config(tokenizer, **config_kwargs))
+    return randomize_(model, seed).eval()
+
+
+def tiny_tuna_r_model(tokenizer, seed: int = 0, **config_kwargs) -> Tuna2ForConditionalGeneration:
+    """A tiny Tuna-R ([`tiny_tuna_r_config`]) with every parameter redrawn, as [`tiny_model`]."""
+    torch.manual_seed(seed)
+    model = Tuna2ForConditionalGeneration(tiny_tuna_r_config(tokenizer, **config_kwargs))
     return randomize_(model, seed).eval()
