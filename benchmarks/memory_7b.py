@@ -1,14 +1,17 @@
-"""Weight memory of Tuna-2 7B in each loading mode, from the real module tree built on the meta device.
+"""Weight memory of Tuna-2 7B and Tuna-R 7B in each loading mode, from the real module tree built on the meta device.
 
     python benchmarks/memory_7b.py
 
-Builds `Tuna2ForConditionalGeneration(Tuna2Config.tuna2_7b())` (and the `load_flow_head=False` variant) on the meta
-device (no memory, no weights) and adds up the bytes of every parameter and buffer of each mode:
+Builds `Tuna2ForConditionalGeneration(Tuna2Config.tuna2_7b())` and `Tuna2Config.tuna_r_7b()` (SigLIP2 so400m patch16
+at 512, 26 of its 27 layers, and the projector in place of the patch embedding), each also with
+`load_flow_head=False`, on the meta device (no memory, no weights) and adds up the bytes of every parameter and buffer
+of each mode:
 
 - bf16: 2 bytes per value.
 - LLM int8 (`llm_quantization_config("int8")`, torchao `Int8WeightOnlyConfig`): the weight of every decoder linear of
   the language model as int8, plus one fp32 scale and one int8 zero point per output row (the tensors torchao 0.18's
-  `Int8Tensor` holds); biases, norms, token embedding, LM head, patch embedding and flow head stay bf16.
+  `Int8Tensor` holds); biases, norms, token embedding, LM head, patch embedding (Tuna-R: SigLIP and projector) and
+  flow head stay bf16.
 - LLM int4 (`llm_quantization_config("int4")`, torchao `Int4WeightOnlyConfig(group_size=128)`): the same weights at
   4 bits, plus a bf16 scale and a bf16 zero point per group of 128 (formula only: torchao's int4 kernels need a GPU).
 
@@ -16,6 +19,7 @@ Weights only: activations, the KV cache and the CUDA context come on top (the GP
 """
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -27,9 +31,13 @@ GiB = 1024**3
 INT4_GROUP_SIZE = 128
 
 
-def build_on_meta(load_flow_head: bool = True) -> Tuna2ForConditionalGeneration:
+# The 7B models, by name: their configuration's constructor.
+MODELS = {"Tuna-2 7B": Tuna2Config.tuna2_7b, "Tuna-R 7B": Tuna2Config.tuna_r_7b}
+
+
+def build_on_meta(load_flow_head: bool = True, model: str = "Tuna-2 7B") -> Tuna2ForConditionalGeneration:
     with torch.device("meta"):
-        return Tuna2ForConditionalGeneration(Tuna2Config.tuna2_7b(load_flow_head=load_flow_head))
+        return Tuna2ForConditionalGeneration(MODELS[model](load_flow_head=load_flow_head))
 
 
 def quantized_bytes(linear: nn.Linear, weights: str) -> int:
@@ -51,7 +59,10 @@ def weight_bytes(model: nn.Module, weights: str = "bf16") -> int:
     for name, parameter in model.named_parameters():  # tied parameters once
         if name not in quantized:
             total += parameter.numel() * 2
-    total += sum(buffer.numel() * 2 for buffer in model.buffers())
+    # Floating-point buffers in bf16; integer ones (SigLIP's position ids) as they are.
+    total += sum(
+        buffer.numel() * (2 if buffer.is_floating_point() else buffer.element_size()) for buffer in model.buffers()
+    )
     return total
 
 
@@ -68,15 +79,18 @@ def parameter_counts(model: Tuna2ForConditionalGeneration) -> dict[str, int]:
 
 
 def memory_rows() -> list[dict]:
-    """One row per mode: parameters stored and weight bytes."""
-    full, understanding = build_on_meta(True), build_on_meta(False)
+    """One row per model and mode: parameters stored and weight bytes."""
     rows = []
-    for label, model in (("full (generation + understanding)", full), ("understanding only", understanding)):
+    for name, (label, load_flow_head) in itertools.product(
+        MODELS, (("full (generation + understanding)", True), ("understanding only", False))
+    ):
+        model = build_on_meta(load_flow_head, name)
         counts = parameter_counts(model)
         for weights in ("bf16", "int8", "int4"):
             mode = f"{label}, " + ("bf16" if weights == "bf16" else f"LLM {weights} + rest bf16")
             rows.append(
                 {
+                    "model": name,
                     "mode": mode,
                     "load_flow_head": model.flow_head is not None,
                     "llm_weights": weights,
@@ -92,12 +106,13 @@ def memory_rows() -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| mode | parameters stored | weights (GiB) | weights (GB) |",
-        "|---|---|---|---|",
+        "| model | mode | parameters stored | weights (GiB) | weights (GB) |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['mode']} | {row['parameters_stored'] / 1e9:.2f}B | {row['weight_bytes'] / GiB:.2f} | "
+            f"| {row['model']} | {row['mode']} | {row['parameters_stored'] / 1e9:.2f}B | "
+            f"{row['weight_bytes'] / GiB:.2f} | "
             f"{row['weight_bytes'] / 1e9:.2f} |"
         )
     return "\n".join(lines)
@@ -111,12 +126,13 @@ def main():
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    full = rows[0]
-    print(
-        f"Tuna-2 7B: {full['parameters_stored'] / 1e9:.2f}B parameters stored, "
-        f"{full['parameters_per_token'] / 1e9:.2f}B per token; flow head {full['flow_head_parameters'] / 1e9:.2f}B "
-        f"stored, {full['flow_head_parameters_per_token'] / 1e9:.2f}B per token"
-    )
+    for full in (row for row in rows if row["load_flow_head"] and row["llm_weights"] == "bf16"):
+        print(
+            f"{full['model']}: {full['parameters_stored'] / 1e9:.2f}B parameters stored, "
+            f"{full['parameters_per_token'] / 1e9:.2f}B per token; flow head "
+            f"{full['flow_head_parameters'] / 1e9:.2f}B stored, {full['flow_head_parameters_per_token'] / 1e9:.2f}B "
+            "per token"
+        )
     print(markdown(rows))
 
 

@@ -3,6 +3,7 @@ training with LoRA, saving and loading, and the converters (official checkpoints
 SigLIP). Its numbers against the official implementation are in test_official_parity_2r.py."""
 
 import json
+import sys
 import shutil
 from pathlib import Path
 
@@ -298,3 +299,28 @@ def test_tuna_r_7b_config_is_the_official_one():
     assert (vision.hidden_size, vision.intermediate_size, vision.num_attention_heads) == (1152, 4304, 16)
     assert (vision.image_size, vision.patch_size, config.num_vision_layers) == (512, 16, 26)
     assert config.text_config.hidden_size == 3584 and config.flow_head_num_layers == 16 and not config.use_mask_token
+
+
+def test_tuna_r_7b_weight_memory_row():
+    """benchmarks/memory_7b.py's Tuna-R rows (docs/benchmarks.md): Tuna-2 7B without its patch embedding and mask
+    token, with 26 SigLIP2 so400m layers at a 32x32 position table and the projector, counted here by hand."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import memory_7b
+    finally:
+        sys.path.pop(0)
+    rows = {(row["model"], row["mode"]): row for row in memory_7b.memory_rows()}
+    tuna_2 = rows["Tuna-2 7B", "full (generation + understanding), bf16"]
+    tuna_r = rows["Tuna-R 7B", "full (generation + understanding), bf16"]
+    width, mlp, llm = 1152, 4304, 3584
+    siglip_layer = 2 * 2 * width + 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width)
+    siglip = (width * 3 * 16 * 16 + width) + 32 * 32 * width + 26 * siglip_layer
+    projector = width + (width * llm + llm) + (llm * llm + llm)
+    tuna_2_only = (llm * 3 * 16 * 16 + llm) + llm + llm  # patch conv, its RMSNorm, the mask token
+    assert tuna_r["parameters_stored"] == tuna_2["parameters_stored"] - tuna_2_only + siglip + projector
+    assert tuna_r["parameters_stored"] == 13_076_646_432
+    position_ids = 32 * 32 * 8  # int64
+    expected_bytes = tuna_2["weight_bytes"] + 2 * (siglip + projector - tuna_2_only) + position_ids
+    assert tuna_r["weight_bytes"] == expected_bytes
+    understanding = rows["Tuna-R 7B", "understanding only, bf16"]
+    assert understanding["parameters_stored"] == tuna_r["parameters_stored"] - tuna_r["flow_head_parameters"]
