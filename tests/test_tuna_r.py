@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import OFFICIAL_2R
@@ -324,3 +325,25 @@ def test_tuna_r_7b_weight_memory_row():
     assert tuna_r["weight_bytes"] == expected_bytes
     understanding = rows["Tuna-R 7B", "understanding only, bf16"]
     assert understanding["parameters_stored"] == tuna_r["parameters_stored"] - tuna_r["flow_head_parameters"]
+
+
+def test_the_tuna2_command_serves_a_tuna_r_folder(tmp_path, pipe, capsys):
+    """`tuna2 generate`, `edit` and `ask` on a saved Tuna-R pipeline: the folder's sampling defaults (heun), or
+    `--sampler`, and the same image as the pipeline's."""
+    from diffusers_tuna2.cli import main
+
+    pipe.save_pretrained(tmp_path / "tuna-r")
+    model = str(tmp_path / "tuna-r")
+    heun, euler = tmp_path / "heun.png", tmp_path / "euler.png"
+    options = ["--model", model, "--steps", "2", "--size", "32x32"]
+    assert main(["generate", "a red circle", "-o", str(heun), *options]) == 0
+    options += ["--sampler", "euler"]
+    assert main(["generate", "a red circle", "-o", str(euler), *options]) == 0
+    seed = torch.Generator().manual_seed(0)
+    (expected,) = pipe("a red circle", height=32, width=32, num_inference_steps=2, generator=seed).images
+    assert np.abs(np.asarray(PIL.Image.open(heun), dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(PIL.Image.open(heun)), np.asarray(PIL.Image.open(euler)))
+    assert main(["edit", str(heun), "make it blue", "-o", str(tmp_path / "edited.png"), *options]) == 0
+    capsys.readouterr()
+    assert main(["ask", str(heun), "What colour?", "--model", model, "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

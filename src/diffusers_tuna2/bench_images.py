@@ -245,7 +245,7 @@ def add_arguments(command):
     )
     command.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     command.add_argument("--limit", type=int, default=None, help="only the first prompts of the file")
-    command.add_argument("--steps", type=int, default=defaults.NUM_INFERENCE_STEPS, help="denoising (Euler) steps")
+    command.add_argument("--steps", type=int, default=defaults.NUM_INFERENCE_STEPS, help="denoising steps")
     command.add_argument(
         "--guidance",
         type=float,

@@ -285,6 +285,7 @@ def draw(args, editing: bool = False):
         width=width,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        sampling_method=args.sampler,
         generator=torch.Generator("cpu").manual_seed(args.seed),  # CPU noise, as the official sampler
     ).images[0]
     result.save(args.output)
@@ -428,16 +429,23 @@ def add_model_options(parser):
     )
 
 
-def add_generation_options(parser, default_guidance: float):
+def add_generation_options(parser, default_guidance: float, default_guidance_tuna_r: float):
     parser.add_argument(
         "-o", "--output", required=True, help="image file to write; its extension sets the format (required)"
     )
-    parser.add_argument("--steps", type=int, default=defaults.NUM_INFERENCE_STEPS, help="denoising (Euler) steps")
+    parser.add_argument("--steps", type=int, default=defaults.NUM_INFERENCE_STEPS, help="denoising steps")
+    parser.add_argument(
+        "--sampler",
+        choices=("euler", "heun"),
+        default=None,
+        help="denoising sampler (default: the checkpoint's, officially euler for Tuna-2, heun for Tuna-R)",
+    )
     parser.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default: the checkpoint's, officially {default_guidance})",
+        help=f"classifier-free guidance scale (default: the checkpoint's, officially {default_guidance} for Tuna-2, "
+        f"{default_guidance_tuna_r} for Tuna-R)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     demo = demo_model()
@@ -479,11 +487,11 @@ def add_command(commands, name: str, text: str, run: Callable) -> argparse.Argum
 def add_drawing_commands(commands):
     command = add_command(commands, "generate", "text-to-image", lambda args: draw(args, editing=False))
     command.add_argument("prompt", help="what to draw")
-    add_generation_options(command, defaults.GUIDANCE_SCALE)
+    add_generation_options(command, defaults.GUIDANCE_SCALE, defaults.TUNA_R_GUIDANCE_SCALE)
     command = add_command(commands, "edit", "edit an image with an instruction", lambda args: draw(args, editing=True))
     command.add_argument("image", help="image to edit")
     command.add_argument("instruction", help="the edit")
-    add_generation_options(command, defaults.EDIT_GUIDANCE_SCALE)
+    add_generation_options(command, defaults.EDIT_GUIDANCE_SCALE, defaults.TUNA_R_EDIT_GUIDANCE_SCALE)
 
 
 def add_ask_command(commands):
