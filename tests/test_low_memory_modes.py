@@ -205,7 +205,14 @@ def test_quantization_config_parts():
     assert "flow_head.final_layer" in mixed.modules_to_not_convert and "flow_head" not in mixed.modules_to_not_convert
     both = quantization_config(llm="int8", flow_head="int8")
     assert isinstance(both.quant_type, Int8WeightOnlyConfig)
-    assert both.modules_to_not_convert == ["model.patch_embed", "model.time_embed", "lm_head", "flow_head.final_layer"]
+    assert both.modules_to_not_convert == [
+        "model.patch_embed",
+        "model.vision_tower",
+        "model.multi_modal_projector",
+        "model.time_embed",
+        "lm_head",
+        "flow_head.final_layer",
+    ]
     only_flow_head = quantization_config(llm=None, flow_head="int8").quant_type.fqn_to_config
     assert list(only_flow_head) == [FLOW_HEAD_WEIGHTS]
     llm_only = llm_quantization_config("int8")

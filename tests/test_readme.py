@@ -144,6 +144,9 @@ MARKED = {
     ("training.md", "import torch"),
     ("training.md", 'tuna2 generate "a red fox" -o fox.png --model ./tuna2-7b --lora'),
     ("training.md", "# 1. Convert, and list the layers that look freshly initialised."),
+    ("tuna-r.md", "tuna2 convert --checkpoint tuna_2r_pixel_7b.pt"),
+    ("tuna-r.md", "tuna2 init --qwen /models/Qwen2.5-7B-Instruct --siglip"),
+    ("tuna-r.md", "import torch\nfrom transformers import AutoModelForImageTextToText"),
 }
 # Snippets that run only where the `quant` extra (torchao, bitsandbytes) is installed, as .ci/run's second pass has it.
 NEEDS_QUANT = re.compile(r"needs the `quant` extra", re.I)

@@ -35,8 +35,14 @@ import torch
 from transformers import BitsAndBytesConfig, TorchAoConfig
 
 # Matched by transformers as module-name prefixes: these stay in the load dtype. The modules that read or write
-# pixels and the LM head are never quantized; the flow head, unless asked.
-ALWAYS_UNQUANTIZED_MODULES = ["model.patch_embed", "model.time_embed", "lm_head"]
+# pixels (Tuna-R's SigLIP tower and projector too) and the LM head are never quantized; the flow head, unless asked.
+ALWAYS_UNQUANTIZED_MODULES = [
+    "model.patch_embed",
+    "model.vision_tower",
+    "model.multi_modal_projector",
+    "model.time_embed",
+    "lm_head",
+]
 NOT_QUANTIZED_MODULES = [*ALWAYS_UNQUANTIZED_MODULES, "flow_head"]
 # With the flow head quantized, the part of it that stays in the load dtype.
 FLOW_HEAD_NOT_QUANTIZED_MODULES = ["flow_head.final_layer"]
