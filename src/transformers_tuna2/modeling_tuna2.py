@@ -3,9 +3,8 @@
 A Conv2d patch embedding feeds Qwen2 directly (no vision encoder, no VAE). Tuna-R, the paper's encoder variant (a
 config with a `vision_config`), embeds the same pixels with a truncated SigLIP vision encoder and a projector instead.
 Each image occupies one span of the token sequence: a time slot (the timestep embedding) followed by one slot per
-patch. Attention is causal, and bidirectional
-inside each span. For generation, a flow head of adaLN-Zero blocks reads the LLM's final hidden states and predicts
-the clean image (x0) of every span.
+patch. Attention is causal, and bidirectional inside each span. For generation, a flow head of adaLN-Zero blocks reads
+the LLM's final hidden states and predicts the clean image (x0) of every span.
 
 Flow-matching convention used throughout: t=1 is the clean image, t=0 is pure noise.
 """
@@ -152,8 +151,7 @@ def with_official_init(linear: nn.Linear, weight: str = "kaiming_uniform") -> nn
     """Marks `linear` for [`Tuna2PreTrainedModel._init_weights`] to start as the official model starts: its weight
     from PyTorch's default (`"kaiming_uniform"`) or from N(0, `initializer_range`) (`"normal"`), its bias from
     PyTorch's default, uniform in `+-1/sqrt(in_features)`; or, for `"xavier_uniform"`, a xavier-uniform weight and a
-    zero bias. A mark rather than a subclass, since bitsandbytes quantizes
-    plain `nn.Linear` modules only."""
+    zero bias. A mark rather than a subclass, since bitsandbytes quantizes plain `nn.Linear` modules only."""
     linear.official_weight_init = weight
     return linear
 
@@ -771,12 +769,12 @@ class Tuna2Model(Tuna2PreTrainedModel):
         `(k // w, k % w)`.
 
         Tuna-R runs SigLIP on the pixels as they are (the noisy `z_t` of an image being generated too, in [-1, 1]
-        like SigLIP's own normalisation), and always asks for the interpolated position table: transformers resamples
-        it bicubically unless the grid is the table's square grid, as the official model does."""
+        like SigLIP's own normalisation), and always asks for the interpolated position table, as the official model
+        does: transformers resamples it bicubically unless the grid is the table's square grid, with the same rule and
+        the same numbers as the transformers release the official model ran on (4.52.4)."""
         if self.vision_tower is None:
             return self.patch_embed(pixel_values)
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        features = self.vision_tower(pixel_values.to(dtype), interpolate_pos_encoding=True).last_hidden_state
+        features = self.vision_tower(pixel_values, interpolate_pos_encoding=True).last_hidden_state
         return self.multi_modal_projector(features)
 
     def mask_patches(self, patch_embeds: torch.Tensor) -> torch.Tensor:
