@@ -3,8 +3,8 @@ training with LoRA, saving and loading, and the converters (official checkpoints
 SigLIP). Its numbers against the official implementation are in test_official_parity_2r.py."""
 
 import json
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
