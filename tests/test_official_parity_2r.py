@@ -21,16 +21,21 @@ Z_FINAL_ATOL = 1e-4
 
 
 def generation_inputs(reference, case, step):
-    """The model's inputs at one official denoising call: [cond, uncond] ids, both at the same state z_t."""
+    """The model's inputs at one official denoising call: [cond, uncond] ids with their images at the state z_t;
+    editing: `[source_cond, target_cond, source_uncond, target_uncond]`, the sources clean (t=1)."""
     z = reference[f"{case}.z_steps"][step][:, 0]
     t = reference[f"{case}.t_steps"][step]
+    if case.startswith("edit"):
+        source, one = reference[f"{case}.source_pixels"][0], torch.ones(())
+        return reference[f"{case}.input_ids"], torch.stack([source, z, source, z]), torch.stack([one, t, one, t])
     return reference[f"{case}.input_ids"], torch.stack([z, z]), torch.stack([t, t])
 
 
-@pytest.mark.parametrize("case", ["t2i_64x64", "t2i_64x96"])
+@pytest.mark.parametrize("case", ["t2i_64x64", "t2i_64x96", "edit_64x64"])
 def test_siglip_path_at_step_0(official_2r_model, official_2r_reference, case):
     """The SigLIP embeddings (patch conv + position table, bicubically resampled for the 4x6 grid of 64x96), the
-    truncated encoder's features and their projection, on the noisy z_t of both branches."""
+    truncated encoder's features and their projection, on the noisy z_t of both branches (and the clean edit
+    sources)."""
     _, pixels, _ = generation_inputs(official_2r_reference, case, 0)
     model = official_2r_model.model
     with torch.no_grad():
@@ -67,23 +72,9 @@ def test_text_to_image_x0_of_both_cfg_branches(official_2r_model, official_2r_re
 @pytest.mark.parametrize("step", range(NUM_STEPS))
 def test_editing_x0_of_source_and_target_in_both_branches(official_2r_model, official_2r_reference, step):
     """SigLIP reads the clean source (t=1) and the noisy target; x0 of every span, the sources' too."""
-    ids = official_2r_reference["edit_64x64.input_ids"]
-    source = official_2r_reference["edit_64x64.source_pixels"][0]
-    z = official_2r_reference["edit_64x64.z_steps"][step][:, 0]
-    t = official_2r_reference["edit_64x64.t_steps"][step]
-    one = torch.ones(())
-    pixels = torch.stack([source, z, source, z])
+    ids, pixels, t = generation_inputs(official_2r_reference, "edit_64x64", step)
     with torch.no_grad():
-        x0 = official_2r_model(
-            ids, pixels, timesteps=torch.stack([one, t, one, t]), image_roles=torch.full((4,), Tuna2ImageRole.TARGET)
-        ).x0
-        if step == 0:
-            torch.testing.assert_close(
-                official_2r_model.model.embed_patches(pixels),
-                official_2r_reference["edit_64x64.step0.image_embeds"],
-                atol=1e-5,
-                rtol=0,
-            )
+        x0 = official_2r_model(ids, pixels, timesteps=t, image_roles=torch.full((4,), Tuna2ImageRole.TARGET)).x0
     torch.testing.assert_close(x0, official_2r_reference["edit_64x64.x0_all"][step][:, :, 0], atol=X0_ATOL, rtol=0)
 
 
@@ -101,6 +92,7 @@ def test_understanding_logits_and_greedy_tokens(official_2r_model, official_2r_r
     pixels = official_2r_reference["mmu_64x64.pixel_values"]
     with torch.no_grad():
         features = official_2r_model.model.vision_tower(pixels, interpolate_pos_encoding=True).last_hidden_state
+        image_embeds = official_2r_model.model.embed_patches(pixels)
         logits = official_2r_model(input_ids=ids, pixel_values=pixels).logits
         out = official_2r_model.generate(
             input_ids=ids,
@@ -112,6 +104,7 @@ def test_understanding_logits_and_greedy_tokens(official_2r_model, official_2r_r
             return_dict_in_generate=True,
         )
     torch.testing.assert_close(features, official_2r_reference["mmu_64x64.siglip_features"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(image_embeds, official_2r_reference["mmu_64x64.image_embeds"], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, official_2r_reference["mmu_64x64.prefill_logits"], atol=1e-4, rtol=0)
     step_logits = torch.cat(out.logits)
     torch.testing.assert_close(step_logits, official_2r_reference["mmu_64x64.step_logits"], atol=1e-4, rtol=0)
