@@ -14,7 +14,7 @@ import torch
 from conftest import OFFICIAL_2R
 from peft import LoraConfig
 from safetensors.torch import load_file
-from test_training import trainer_for
+from test_training import one_batch, trainer_for
 from training_data import write_dataset
 from transformers import (
     AutoModelForImageTextToText,
@@ -198,6 +198,27 @@ def test_trains_one_lora_step(tmp_path, tokenizer):
     for name, tensor in trained.get_base_model().state_dict().items():
         if "lora_" not in name:
             assert torch.equal(tensor, base_state[name.replace(".base_layer", "")]), name
+
+
+def test_full_training_reaches_siglip_also_with_gradient_checkpointing(tmp_path, tokenizer):
+    """A training batch of the four tasks: the losses reach every SigLIP weight (the official Tuna-R trains its
+    encoder), with the same gradients when the LLM, the flow head and SigLIP checkpoint their layers."""
+    processor = build_processor(tokenizer, size={"height": 32, "width": 32})
+    batch = one_batch(write_dataset(tmp_path / "data"), processor)
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_tuna_r_model(tokenizer).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.model.vision_tower.encoder.layers[0].gradient_checkpointing
+        torch.manual_seed(11)
+        model(**batch).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    tower = [name for name, _ in model.named_parameters() if "vision_tower" in name]
+    assert set(tower) <= gradients[0].keys() and gradients[0].keys() == gradients[1].keys()
+    assert all(gradients[0][name].any() for name in tower)
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------- converters
