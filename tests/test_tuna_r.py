@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import OFFICIAL_2R
 from peft import LoraConfig
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_training import one_batch, trainer_for
 from training_data import write_dataset
 from transformers import (
@@ -267,6 +267,22 @@ def test_a_tuna_r_checkpoint_needs_its_siglip_config(tmp_path, capsys):
     wrong.save_pretrained(tmp_path / "wrong")
     assert convert_main([*args, "--output", str(tmp_path / "out"), "--siglip-config", str(tmp_path / "wrong")]) == 1
     assert "has width 64 but the SigLIP config says 32" in capsys.readouterr().err
+
+
+def test_a_tuna_r_checkpoint_with_missing_or_extra_siglip_weights_is_refused(tmp_path, official_2r_state_dict, capsys):
+    """The converter's strict rule: a SigLIP weight missing, and the final LayerNorm the official model does not have,
+    are both listed, and nothing is written."""
+    state_dict = dict(official_2r_state_dict)
+    del state_dict["vision_model.encoder.layers.1.mlp.fc2.bias"]
+    state_dict["vision_model.post_layernorm.weight"] = torch.ones(64)
+    checkpoint = tmp_path / "broken.safetensors"
+    save_file(state_dict, checkpoint)
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", str(QWEN_TINY), "--output", str(tmp_path / "out")]
+    assert convert_main([*args, "--siglip-config", str(SIGLIP_TINY_CONFIG)]) == 1
+    error = capsys.readouterr().err
+    assert "missing (1):\n    vision_model.encoder.layers.1.mlp.fc2.bias" in error
+    assert "unexpected (1):\n    vision_model.post_layernorm.weight" in error
+    assert not (tmp_path / "out").exists()
 
 
 def make_siglip_folder(folder: Path) -> SiglipVisionModel:
