@@ -21,6 +21,8 @@ from transformers import (
     AutoProcessor,
     Qwen2Config,
     Qwen2ForCausalLM,
+    SiglipConfig,
+    SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -285,17 +287,26 @@ def test_a_tuna_r_checkpoint_with_missing_or_extra_siglip_weights_is_refused(tmp
     assert not (tmp_path / "out").exists()
 
 
-def make_siglip_folder(folder: Path) -> SiglipVisionModel:
+def make_siglip_folder(folder: Path, with_text_model: bool) -> SiglipVisionModel:
     """A random SigLIP vision model of the fixture's tiny shape (3 layers, a 96-pixel position table), with a pooling
-    head and final LayerNorm, as a SigLIP checkpoint has them."""
+    head and final LayerNorm, as a SigLIP checkpoint has them; saved alone, or inside a whole SigLIP (text model too),
+    as SigLIP2 is published."""
     torch.manual_seed(2)
-    config = SiglipVisionConfig.from_pretrained(SIGLIP_TINY_CONFIG)
-    siglip = SiglipVisionModel(config).eval()
-    siglip.save_pretrained(folder)
+    vision_config = SiglipVisionConfig.from_pretrained(SIGLIP_TINY_CONFIG)
+    if not with_text_model:
+        siglip = SiglipVisionModel(vision_config).eval()
+        siglip.save_pretrained(folder)
+        return siglip
+    text_config = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    whole = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision_config.to_dict())).eval()
+    whole.save_pretrained(folder)
+    siglip = SiglipVisionModel(whole.config.vision_config).eval()
+    siglip.load_state_dict(whole.vision_model.state_dict())
     return siglip
 
 
-def test_init_a_tuna_r_from_qwen2_and_siglip(tmp_path):
+@pytest.mark.parametrize("with_text_model", [False, True], ids=["vision-model", "whole-siglip"])
+def test_init_a_tuna_r_from_qwen2_and_siglip(tmp_path, with_text_model):
     """`tuna2 init --siglip`: the LLM and SigLIP weights as they are (the kept layers), the position table resampled
     to the new size, the projector as officially initialised, no mask token."""
     torch.manual_seed(1)
@@ -304,7 +315,7 @@ def test_init_a_tuna_r_from_qwen2_and_siglip(tmp_path):
     for path in QWEN_TINY.iterdir():
         if path.suffix != ".json" or "token" in path.name:
             shutil.copy(path, tmp_path / "qwen")
-    siglip = make_siglip_folder(tmp_path / "siglip")
+    siglip = make_siglip_folder(tmp_path / "siglip", with_text_model)
     output = tmp_path / "tuna-r"
     args = ["--qwen", str(tmp_path / "qwen"), "--siglip", str(tmp_path / "siglip"), "--output", str(output)]
     assert init_main([*args, "--siglip-image-size", "64", "--flow-head-layers", "1"]) == 0

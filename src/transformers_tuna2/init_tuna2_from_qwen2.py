@@ -97,9 +97,15 @@ def load_qwen2(qwen_path: str | Path, dtype: torch.dtype | None) -> Qwen2ForCaus
 def pretrained_vision_tower(siglip_path: str | Path, config: Tuna2Config, dtype: torch.dtype) -> SiglipVisionModel:
     """Tuna-R's truncated SigLIP tower (`config.vision_config`, `config.vision_feature_layer`) with the weights of the
     SigLIP checkpoint `siglip_path`; a position table of another size is the pretrained one, resampled bicubically
-    to the new grid. Raises a `ValueError` unless the checkpoint holds every weight of a SigLIP vision model."""
+    to the new grid. `siglip_path` holds a SigLIP vision model, or a whole SigLIP (its text model left out). Raises a
+    `ValueError` unless it holds every weight of the vision model, with its shape."""
     siglip, loading_info = SiglipVisionModel.from_pretrained(siglip_path, dtype=dtype, output_loading_info=True)
-    problems = {title: list(loading_info[key]) for title, key in LOADING_PROBLEMS.items() if loading_info[key]}
+    # A whole SigLIP checkpoint (as SigLIP2 is published) also holds the text model: its weights are left out.
+    problems = {
+        title: list(loading_info[key])
+        for title, key in LOADING_PROBLEMS.items()
+        if loading_info[key] and key != "unexpected_keys"
+    }
     if problems:
         details = "; ".join(f"{title}: {keys}" for title, keys in problems.items())
         raise ValueError(f"{siglip_path} does not hold the weights of a SigLIP vision model ({details})")
