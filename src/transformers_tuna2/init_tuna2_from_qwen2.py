@@ -30,8 +30,9 @@ and `scheduler/`.
   - mask token: normal with std hidden_size ** -0.5.
 - Tuna-R (`--siglip`): the SigLIP vision weights up to `--vision-feature-layer` (-2: the second-to-last layer, 26 of
   so400m's 27), without the pooling head and the final LayerNorm, which the model does not have; the projector
-  (RMSNorm, Linear, GELU, Linear) as officially: xavier-uniform weights, zero biases, norm weight ones; no mask token
-  (the official Tuna-R 7B has none). `--siglip-image-size` sets the size of the position table (the official 7B:
+  (RMSNorm, Linear, GELU, Linear) as officially: norm weight ones, the linears PyTorch's default (the official code
+  means to xavier-initialise them, but calls its init on the `nn.Sequential`, where it does nothing, as for the
+  flow-head blocks); no mask token (the official Tuna-R 7B has none). `--siglip-image-size` sets the size of the position table (the official 7B:
   512, where the SigLIP2 checkpoint has 384). The official code then leaves the position table at its random
   initialisation (its shape no longer matches); here the pretrained table is resampled bicubically to the new grid,
   as the encoder itself resamples it for any other image size, so that the encoder starts as the pretrained one.

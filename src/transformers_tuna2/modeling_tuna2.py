@@ -150,8 +150,8 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, lay
 def with_official_init(linear: nn.Linear, weight: str = "kaiming_uniform") -> nn.Linear:
     """Marks `linear` for [`Tuna2PreTrainedModel._init_weights`] to start as the official model starts: its weight
     from PyTorch's default (`"kaiming_uniform"`) or from N(0, `initializer_range`) (`"normal"`), its bias from
-    PyTorch's default, uniform in `+-1/sqrt(in_features)`; or, for `"xavier_uniform"`, a xavier-uniform weight and a
-    zero bias. A mark rather than a subclass, since bitsandbytes quantizes plain `nn.Linear` modules only."""
+    PyTorch's default, uniform in `+-1/sqrt(in_features)`. A mark rather than a subclass, since bitsandbytes quantizes
+    plain `nn.Linear` modules only."""
     linear.official_weight_init = weight
     return linear
 
@@ -213,9 +213,11 @@ class Tuna2MultiModalProjector(nn.Module):
         super().__init__()
         vision_hidden_size, hidden_size = config.vision_config.hidden_size, config.text_config.hidden_size
         self.norm = Qwen2RMSNorm(vision_hidden_size, eps=config.projector_norm_eps)
-        self.linear_1 = with_official_init(nn.Linear(vision_hidden_size, hidden_size), weight="xavier_uniform")
+        # The official code means to xavier-initialise them but calls its init on the `nn.Sequential` instead of
+        # through `.apply`: they start from PyTorch's default, as the flow-head blocks.
+        self.linear_1 = with_official_init(nn.Linear(vision_hidden_size, hidden_size))
         self.act = nn.GELU()
-        self.linear_2 = with_official_init(nn.Linear(hidden_size, hidden_size), weight="xavier_uniform")
+        self.linear_2 = with_official_init(nn.Linear(hidden_size, hidden_size))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.norm(image_features))))
@@ -674,15 +676,13 @@ class Tuna2PreTrainedModel(PreTrainedModel):
         if isinstance(module, Tuna2ZeroInitLinear):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear) and getattr(module, "official_weight_init", None) == "xavier_uniform":
-            init.xavier_uniform_(module.weight)  # Tuna-R's projector
-            init.zeros_(module.bias)
         elif isinstance(module, nn.Linear) and hasattr(module, "official_weight_init"):
             if module.official_weight_init == "normal":  # the timestep MLP
                 init.normal_(module.weight, std=self.config.initializer_range)
             else:
-                # The flow-head blocks. The official code means to xavier-initialise them but calls its init on the
-                # module list instead of through `.apply`: the official model was trained from PyTorch's default.
+                # The flow-head blocks and Tuna-R's projector. The official code means to xavier-initialise them but
+                # calls its init on the module list instead of through `.apply`: the official model was trained from
+                # PyTorch's default.
                 init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
