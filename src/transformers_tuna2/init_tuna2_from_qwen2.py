@@ -32,10 +32,11 @@ and `scheduler/`.
   so400m's 27), without the pooling head and the final LayerNorm, which the model does not have; the projector
   (RMSNorm, Linear, GELU, Linear) as officially: norm weight ones, the linears PyTorch's default (the official code
   means to xavier-initialise them, but calls its init on the `nn.Sequential`, where it does nothing, as for the
-  flow-head blocks); no mask token (the official Tuna-R 7B has none). `--siglip-image-size` sets the size of the position table (the official 7B:
-  512, where the SigLIP2 checkpoint has 384). The official code then leaves the position table at its random
-  initialisation (its shape no longer matches); here the pretrained table is resampled bicubically to the new grid,
-  as the encoder itself resamples it for any other image size, so that the encoder starts as the pretrained one.
+  flow-head blocks); no mask token (the official Tuna-R 7B has none). `--siglip-image-size` sets the size of the
+  position table (the official 7B: 512, where the SigLIP2 checkpoint has 384). The official code then leaves the
+  position table at its random initialisation (its shape no longer matches); here the pretrained table is resampled
+  bicubically to the new grid, as the encoder itself resamples it for any other image size, so that the encoder
+  starts as the pretrained one. A whole SigLIP checkpoint (text model too, as SigLIP2 is published) is taken as well.
 - `--output-layout patch` (the default for new models) is the standard un-patchify; `raster` is the official
   flattening, needed only to match official weights.
 """
