@@ -529,7 +529,7 @@ class Tuna2ImageFeaturesOutput(BaseModelOutputWithPooling):
         The same embeddings split per image (`(1 + num_patches, hidden_size)` each), as transformers' VLMs give
         their image embeddings.
     hidden_states, attentions:
-        Always `None`: there is no vision encoder.
+        Always `None`: Tuna-2 has no vision encoder, and Tuna-R's SigLIP states are not returned.
     time_embeds (`torch.FloatTensor` of shape `(num_images, hidden_size)`):
         Timestep embedding of each image (its time slot and its adaLN conditioning).
     image_grids (`list[tuple[int, int]]`):
@@ -727,7 +727,7 @@ class Tuna2Model(Tuna2PreTrainedModel):
     ) -> Tuna2ImageFeaturesOutput:
         """
         Embeds each image into the rows of its span: its time slot, then its patches (Tuna-2's patch embedding, or
-        Tuna-R's projected SigLIP features). `output_hidden_states` and `output_attentions` have nothing to add.
+        Tuna-R's projected SigLIP features). `output_hidden_states` and `output_attentions` add nothing.
 
         Args:
             pixel_values (`torch.Tensor` of shape `(num_images, num_channels, height, width)`, or a list of
