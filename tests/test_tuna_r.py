@@ -202,6 +202,22 @@ def test_trains_one_lora_step(tmp_path, tokenizer):
         if "lora_" not in name:
             assert torch.equal(tensor, base_state[name.replace(".base_layer", "")]), name
 
+    # The adapter loads into a Tuna-R pipeline, as a Tuna-2's does.
+    trainer.save_model(str(tmp_path / "adapter"))
+    kwargs = dict(height=32, width=32, num_inference_steps=2, output_type="latent", negative_prompt="blurry")
+    pipe = Tuna2Pipeline(model=tiny_tuna_r_model(tokenizer), processor=processor)
+    reference = Tuna2Pipeline(model=trained.eval(), processor=processor)
+    for pipeline in pipe, reference:
+        pipeline.set_progress_bar_config(disable=True)
+
+    def sample(pipeline):
+        return pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    expected = sample(reference)
+    assert not torch.allclose(sample(pipe), expected, atol=1e-4)
+    pipe.load_lora_weights(tmp_path / "adapter")
+    torch.testing.assert_close(sample(pipe), expected, atol=1e-5, rtol=0)
+
 
 def test_full_training_reaches_siglip_also_with_gradient_checkpointing(tmp_path, tokenizer):
     """A training batch of the four tasks: the losses reach every SigLIP weight (the official Tuna-R trains its
