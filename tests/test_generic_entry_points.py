@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 
 import diffusers_tuna2
 from diffusers_tuna2 import Tuna2Pipeline
-from tuna2_training.tiny import build_processor, tiny_model
+from tuna2_training.tiny import build_processor, tiny_model, tiny_tuna_r_model
 
 PACKAGES = {"diffusers_tuna2", "transformers_tuna2", "tuna2_training", "tuna2_eval"}
 GENERATE = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
@@ -39,6 +39,16 @@ def folder(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
+def tuna_r_folder(tmp_path_factory, tokenizer):
+    """A tiny Tuna-R, whose folder's code must carry its sampler (Heun) and decoding (min-max) too."""
+    path = tmp_path_factory.mktemp("tuna_r_with_code")
+    processor = build_processor(tokenizer, size={"height": 32, "width": 32})
+    pipeline = Tuna2Pipeline(model=tiny_tuna_r_model(tokenizer), processor=processor)
+    pipeline.save_pretrained(path, save_pipeline_code=True)
+    return path
+
+
+@pytest.fixture(scope="module")
 def demo_with_code(tmp_path_factory):
     """The shipped demo saved with the whole code, as a folder that no longer needs the package."""
     path = tmp_path_factory.mktemp("demo_with_code")
@@ -46,14 +56,14 @@ def demo_with_code(tmp_path_factory):
     return path
 
 
-@pytest.fixture(params=["saved", "demo"])
-def path(request, folder):
-    return folder if request.param == "saved" else DEMO
+@pytest.fixture(params=["saved", "demo", "tuna-r"])
+def path(request, folder, tuna_r_folder):
+    return {"saved": folder, "demo": DEMO, "tuna-r": tuna_r_folder}[request.param]
 
 
-@pytest.fixture(params=["saved", "demo"])
-def path_with_code(request, folder, demo_with_code):
-    return folder if request.param == "saved" else demo_with_code
+@pytest.fixture(params=["saved", "demo", "tuna-r"])
+def path_with_code(request, folder, demo_with_code, tuna_r_folder):
+    return {"saved": folder, "demo": demo_with_code, "tuna-r": tuna_r_folder}[request.param]
 
 
 def test_the_folder_names_its_pipeline_module_which_needs_no_package(path_with_code):
