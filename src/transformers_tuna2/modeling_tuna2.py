@@ -1253,7 +1253,6 @@ class Tuna2ForConditionalGeneration(Tuna2PreTrainedModel, GenerationMixin):
 __all__ = [
     "Tuna2PreTrainedModel",
     "Tuna2Model",
-    "Tuna2MultiModalProjector",
     "Tuna2ForConditionalGeneration",
     "Tuna2Cache",
 ]
