@@ -413,3 +413,28 @@ def test_the_tuna2_command_serves_a_tuna_r_folder(tmp_path, pipe, capsys):
     capsys.readouterr()
     assert main(["ask", str(heun), "What colour?", "--model", model, "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.endswith("\n")
+
+
+def test_the_app_serves_tuna_r_with_its_own_defaults(pipe, tmp_path):
+    """The web app's tabs run a Tuna-R pipeline as they run Tuna-2's: its sampling defaults (Heun, guidance 4 / 5)
+    fill the settings, and the Heun sampler reports one progress step per denoising step (not per model call)."""
+    import gradio as gr
+
+    from diffusers_tuna2.app import Tasks, sampling_settings
+
+    with gr.Blocks():
+        guidance = [sampling_settings(pipe, editing)[4].value for editing in (False, True)]
+    assert guidance == [4.0, 5.0]
+    progress = []
+
+    def record(step, **kwargs):
+        progress.append(step)
+
+    gallery = Tasks(pipe).generate("a red circle", "", 32, 48, 3, 4.0, 7, 2, progress=record)
+    assert [caption for _, caption in gallery] == ["seed 7", "seed 8"]
+    assert [image.size for image, _ in gallery] == [(48, 32)] * 2
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    source = tmp_path / "source.png"
+    PIL.Image.new("RGB", (32, 32), (200, 40, 40)).save(source)
+    edited = Tasks(pipe).edit(str(source), "make it blue", "", 32, 32, 2, 5.0, 0, progress=record)
+    assert edited.size == (32, 32) and progress[-2:] == [(1, 2), (2, 2)]
