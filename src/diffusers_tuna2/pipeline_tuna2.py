@@ -163,6 +163,11 @@ def official_sampling(model: Tuna2ForConditionalGeneration) -> dict:
     return OFFICIAL_TUNA_R_SAMPLING if model.config.vision_config is not None else OFFICIAL_SAMPLING
 
 
+def check_sampling_method(sampling_method: str):
+    if sampling_method not in SAMPLING_METHODS:
+        raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}")
+
+
 def rescale_to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Tuna-R's decoding (the official `_decode_latents`): each `(3, H, W)` image of `images` `(N, 3, H, W)` min-max
     rescaled in fp32 to [-1, 1], `(z - min) / (max - min + 1e-5) * 2 - 1`. The official pipeline rescales its whole
@@ -353,8 +358,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         self.register_to_config(
             **{key: saved.get(key, official[key]) if value is None else value for key, value in given.items()}
         )
-        if self.config.sampling_method not in SAMPLING_METHODS:
-            raise ValueError(f"sampling_method must be one of {SAMPLING_METHODS}, got {self.config.sampling_method!r}")
+        check_sampling_method(self.config.sampling_method)
 
     # ------------------------------------------------------------------------------------------------ saving/loading
 
@@ -917,8 +921,7 @@ class Tuna2Pipeline(DiffusionPipeline, Tuna2LoraLoaderMixin):
         if guidance_scale is None:
             guidance_scale = self.config.edit_guidance_scale if editing else self.config.guidance_scale
         sampling_method = sampling_method or self.config.sampling_method
-        if sampling_method not in SAMPLING_METHODS:
-            raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}")
+        check_sampling_method(sampling_method)
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(
             prompt,
