@@ -21,6 +21,7 @@ folder the EMA weights (the official restore recipe: docs/training.md). `--resum
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -129,6 +130,13 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", choices=["512", "1024"], default="512", help="bucket class")
     parser.add_argument("--caption-dropout", type=float, default=0.0, help="empty-prompt rate for t2i/edit (CFG)")
     parser.add_argument(
+        "--P-mean",
+        type=float,
+        default=None,
+        help="training times t = sigmoid(N(P_mean, P_std)); lower trains more at high noise (default: the "
+        "checkpoint's, official -0.8); saved with the trained model",
+    )
+    parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)"
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
@@ -164,15 +172,17 @@ def load_streams(args) -> dict:
     return streams
 
 
-def check_folders(args):
-    """Fails before anything is loaded on a --model that is no checkpoint and on an --output that already holds
-    files (which training would overwrite)."""
+def check_arguments(args):
+    """Fails before anything is loaded on a --model that is no checkpoint, on an --output that already holds files
+    (which training would overwrite) and on a --P-mean that is not a number."""
     try:
         model = resolve_model(args.model)
         check_checkpoint(model)
     except CommandError as error:
         raise SystemExit(f"error: --model: {error}") from None
     args.model = str(model)
+    if args.P_mean is not None and not math.isfinite(args.P_mean):
+        raise SystemExit(f"error: --P-mean must be a finite number, got {args.P_mean}")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise SystemExit(f"error: --output {args.output} is a file; give a folder")
@@ -182,7 +192,7 @@ def check_folders(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_folders(args)
+    check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # PEFT reads the model's `is_gradient_checkpointing`, which transformers renamed: a warning about an option that
     # the user may not have given.
@@ -205,6 +215,8 @@ def main(argv=None):
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
+    if args.P_mean is not None:
+        model.config.P_mean = args.P_mean
     processor = AutoProcessor.from_pretrained(args.model)
     train_only = list(args.train_only)
     try:

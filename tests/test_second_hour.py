@@ -120,6 +120,34 @@ def test_fine_tune_keeps_an_existing_output_unless_told(tmp_path):
     assert "data file not found" in str(exit_info.value)
 
 
+def test_fine_tune_samples_training_times_with_the_given_P_mean_and_saves_it(tmp_path, monkeypatch):
+    """The demo's recipe fine-tunes a checkpoint trained at P_mean -0.8 at another P_mean (docs/demo.md)."""
+    import transformers_tuna2.modeling_tuna2 as modeling
+
+    means = []
+    sample_training_t = modeling.sample_training_t
+    monkeypatch.setattr(
+        modeling,
+        "sample_training_t",
+        lambda num, P_mean, P_std: means.append(P_mean) or sample_training_t(num, P_mean, P_std),
+    )
+    data = write_dataset(tmp_path / "data", size=48)
+    output = tmp_path / "full"
+    argv = ["--model", DEMO, "--data", f"t2i={data['t2i']}", "--no-lora", "--output", str(output), "--max-steps", "1"]
+    import_sft().main([*argv, "--P-mean", "-0.4"])
+    assert means and set(means) == {-0.4}
+    assert json.loads((output / "config.json").read_text())["P_mean"] == -0.4
+    assert json.loads((Path(DEMO) / "config.json").read_text())["P_mean"] != -0.4
+
+
+def test_fine_tune_refuses_a_P_mean_that_is_no_number(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        import_sft().main(
+            ["--model", DEMO, "--data", "t2i=x.jsonl", "--output", str(tmp_path / "o"), "--P-mean", "nan"]
+        )
+    assert str(exit_info.value) == "error: --P-mean must be a finite number, got nan"
+
+
 def test_fine_tune_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         import_sft().parse_args(["--help"])

@@ -34,7 +34,7 @@ EVALUATION_SEED = 1234
 SPLITS = ("held_out", "in_distribution")
 # The shipping floor (every case) and the goal (held-out combinations), as fractions.
 FLOOR = {"generation": 0.8, "answers": 0.8, "answers_per_type": 0.6, "edits": 0.5}
-GOAL = {"generation": 0.9, "answers": 0.9, "edits": 0.8}
+GOAL = {"generation": 0.9, "answers": 0.9, "edits": 0.85}
 
 
 def split_triples(split: str, count: int = 12) -> list[tuple[str, str, str]]:
@@ -204,6 +204,10 @@ def command_line_interfaces(model_path: str | None, workdir: Path, steps: int = 
     return generate, edit, ask
 
 
+def meets_goal(figures: dict) -> bool:
+    return all(figures[key] >= GOAL[key] for key in GOAL)
+
+
 def format_report(report: dict) -> str:
     keys = [key for key in report[SPLITS[0]] if key != "cases"]
     columns = [name for name in (*SPLITS, "all") if name in report]
@@ -233,6 +237,8 @@ def main():
     print(format_report(report))
     if "all" in report:
         print(f"floor met: {meets_floor(report['all'])}")
+    if "held_out" in report:
+        print(f"goal met on held-out combinations: {meets_goal(report['held_out'])}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

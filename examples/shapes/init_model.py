@@ -58,9 +58,6 @@ def demo_config(tokenizer) -> Tuna2Config:
         output_layout="patch",
         # 64x64 images need less noise than the official 512x512 ones (JiT scales the noise with the resolution).
         noise_scale=1.0,
-        # More training at high noise, where the text alone decides what goes where: with the official P_mean (-0.8)
-        # the small model drew shape fragments in every patch for hundreds of steps (docs/demo.md).
-        P_mean=-1.6,
         # A small model learning from scratch: no masked image modelling, no noise on understanding images.
         use_mask_token=False,
         understanding_noise_prob=0.0,
