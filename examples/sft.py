@@ -134,7 +134,7 @@ def parse_args(argv=None):
         type=float,
         default=None,
         help="training times t = sigmoid(N(P_mean, P_std)); lower trains more at high noise (default: the "
-        "checkpoint's, official -0.8); saved with the trained model",
+        "checkpoint's, official -0.8); a --no-lora checkpoint saves it in its config",
     )
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)"
